@@ -1,0 +1,31 @@
+"""Error hierarchy: every failure a user can cause derives from :class:`PeftfxError`.
+
+Messages name the offending layer / key / value and say what to do about it.
+"""
+from __future__ import annotations
+
+__all__ = ["PeftfxError", "PlanError", "TraceError", "RewriteError", "KernelError", "CheckpointError"]
+
+
+class PeftfxError(Exception):
+    """Base class of every error peftfx raises on bad input."""
+
+
+class PlanError(PeftfxError, ValueError):
+    """The plan is malformed or does not fit the model (bad value, pattern matching nothing)."""
+
+
+class TraceError(PeftfxError, RuntimeError):
+    """The model could not be captured into a graph."""
+
+
+class RewriteError(PeftfxError, RuntimeError):
+    """A pass could not rewrite the graph (missing attention, unsupported node, ...)."""
+
+
+class KernelError(PeftfxError, ValueError):
+    """A kernel got inputs it cannot take (dtype, shape, NaN/Inf, inconsistent metadata)."""
+
+
+class CheckpointError(PeftfxError, ValueError):
+    """A checkpoint or adapter file is corrupt or does not match the compiled model."""
