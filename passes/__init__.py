@@ -1,0 +1,13 @@
+"""peftfx.passes: one graph rewrite per file; importing this package registers them all.
+
+Every module here registers its pass with ``@register_pass(section, order=...)`` at import; the
+pass manager orders them, so adding a pass is adding a file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

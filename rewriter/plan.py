@@ -372,6 +372,8 @@ class Plan:
         quant, lora, prefix, prompt, adapter: the section specs (or dicts of their fields).
         rules: per-layer overrides, applied in order, the last match winning.
         train_top_layers: also train the top k transformer blocks (>= 0).
+        train_modules: patterns of modules trained in full precision besides the adapters
+            (PEFT's ``modules_to_save``), e.g. ``["classifier"]`` for a fresh task head.
         version: plan format version (at most :data:`PLAN_VERSION`).
 
     Example::
@@ -400,6 +402,7 @@ class Plan:
     adapter: AdapterSpec | None = None
     rules: tuple[Rule, ...] = ()
     train_top_layers: int | None = None
+    train_modules: tuple[str, ...] = ()
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -426,13 +429,15 @@ class Plan:
         object.__setattr__(self, "rules", tuple(rules))
         if self.train_top_layers is not None:
             check_int("train_top_layers", self.train_top_layers, 0)
+        modules = () if self.train_modules is None else self.train_modules
+        object.__setattr__(self, "train_modules", _targets("train_modules", modules, optional=False))
         for name in ("quant", "lora"):
             spec = getattr(self, name)
             if spec is not None and spec.targets is None and not self.targets:
                 raise PlanError(f"{name} needs targets: set top-level 'targets' or '{name}.targets' "
                                 f"(e.g. targets = ['*.q_proj', '*.v_proj'])")
         if not (self.quant or self.lora or self.prefix or self.prompt or self.adapter or self.rules
-                or self.train_top_layers):
+                or self.train_top_layers or self.train_modules):
             hint = " (targets alone only say where quant and lora apply)" if self.targets else ""
             raise PlanError("plan does nothing: give at least one of quant, lora, prefix, prompt, "
                             f"adapter, rules or train_top_layers > 0{hint}")
@@ -465,6 +470,8 @@ class Plan:
             out["targets"] = list(self.targets)
         if self.train_top_layers is not None:
             out["train_top_layers"] = self.train_top_layers
+        if self.train_modules:
+            out["train_modules"] = list(self.train_modules)
         out.update({n: s.to_dict() for n in _SECTIONS if (s := getattr(self, n)) is not None})
         if self.rules:
             out["rules"] = [r.to_dict() for r in self.rules]

@@ -1,0 +1,177 @@
+"""swap_linear: targeted ``aten.linear`` / Conv1D ``aten.addmm`` nodes become calls to a
+``QLoRALinear`` registered under the original module name, so state-dict keys read like PEFT's
+(``model.layers.0.self_attn.q_proj.lora_A``).
+
+The module variant comes from a dispatch table (first match wins, as PEFT's ``dispatch_*``):
+dense base + LoRA, NF4/FP4 + LoRA, int8 / int8-zeropoint + LoRA, LLM.int8 + LoRA; a target with
+``quant`` and no ``lora`` is quantized and frozen only. Quantization happens here, layer by layer,
+and each quantized layer's full-precision weight is released as soon as its module exists, so the
+peak is the model plus one layer's quantized copy.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftfx.graph import attr_users, delete_attr, get_attr_value, set_submodule, stamp, unique_attr_name
+from peftfx.kernels import reference
+from peftfx.kernels.modules import QLoRALinear
+from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.targets import Target, resolve_targets
+
+__all__ = ["swap_linear", "build_module"]
+
+
+def _dense_weight(gm: GraphModule, target: Target) -> torch.Tensor:
+    """The site's weight as [out, in] (Conv1D stores it [in, out])."""
+    weight = get_attr_value(gm, target.site.weight_attr).detach()
+    return weight.t().contiguous() if target.site.kind == "addmm" else weight
+
+
+def _lora_kwargs(target: Target, in_features: int, out_features: int) -> dict:
+    lora = target.lora
+    if lora is None:
+        return {"r": None, "alpha": 1.0}
+    lora.check_fits(in_features, out_features, target.site.fqn)
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "use_rslora": lora.use_rslora}
+
+
+def _build_dense(w: torch.Tensor, bias, target: Target) -> nn.Module:
+    return QLoRALinear(w, bias, name=target.site.fqn, **_lora_kwargs(target, w.shape[1], w.shape[0]))
+
+
+def _build_quantized(w: torch.Tensor, bias, target: Target) -> nn.Module:
+    q = target.quant
+    qw = reference.quantize(
+        w,
+        q.format,
+        block_size=q.block_size,
+        double_quant=bool(getattr(q, "double_quant", False)) and q.format in ("nf4", "fp4"),
+        block_size2=getattr(q, "block_size2", 256),
+        threshold=getattr(q, "threshold", 6.0),
+        name=target.site.fqn,
+    )
+    return QLoRALinear(qw, bias, name=target.site.fqn, **_lora_kwargs(target, w.shape[1], w.shape[0]))
+
+
+def _is_dense(t: Target) -> bool:
+    return t.quant is None or t.quant.format == "none"
+
+
+# (predicate, builder): first match wins. The quantized variants share one module class whose
+# op dispatches on the format, so they differ only in how the weight is quantized.
+DISPATCH: tuple[tuple[Callable[[Target], bool], Callable], ...] = (
+    (_is_dense, _build_dense),
+    (lambda t: t.quant.format in ("nf4", "fp4"), _build_quantized),
+    (lambda t: t.quant.format in ("int8", "int8-zeropoint"), _build_quantized),
+    (lambda t: t.quant.format == "llm-int8", _build_quantized),
+)
+
+
+def build_module(gm: GraphModule, target: Target) -> nn.Module:
+    """The replacement module for one target, chosen by :data:`DISPATCH`."""
+    w = _dense_weight(gm, target)
+    bias = get_attr_value(gm, target.site.bias_attr).detach() if target.site.bias_attr else None
+    for predicate, builder in DISPATCH:
+        if predicate(target):
+            return builder(w, bias, target)
+    raise AssertionError(f"no dispatch entry for {target.site.fqn}")  # the plan validates formats
+
+
+def _release(gm: GraphModule, ctx: PassContext, attr: str, site_nodes: set) -> str:
+    """Drop ``attr`` from the graph once only the swapped nodes read it; free the source copy.
+
+    Returns what happened, for the report. A weight other nodes still read (tied embeddings) is
+    kept.
+    """
+    others = [u for u in attr_users(gm, attr) if u not in site_nodes]
+    if others:  # already moved out of the new module's way by set_submodule_safe
+        return f"kept (shared with {', '.join(sorted({o.name for o in others}))})"
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target == attr and not node.users:
+            gm.graph.erase_node(node)
+    param = get_attr_value(gm, attr)
+    delete_attr(gm, attr)
+    if ctx.options.get("release_source_weights", True) and isinstance(param, torch.Tensor):
+        # The source model shares this storage. Replacing it with a meta tensor frees the memory
+        # and makes any later use of the consumed layer fail loudly instead of silently.
+        with torch.no_grad():
+            param.data = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        return "released"
+    return "dropped from graph"
+
+
+@register_pass("quant|lora|rules", order=20)
+def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Replace targeted linears with QLoRALinear modules (quantize + LoRA), freeing dense weights."""
+    targets = resolve_targets(gm, ctx.plan)
+    ctx.targets = targets
+    graph = gm.graph
+    for target in targets:
+        site = target.site
+        weight_shape = tuple(get_attr_value(gm, site.weight_attr).shape)
+        module = build_module(gm, target)
+        site_nodes = set(site.nodes)
+        set_submodule_safe(gm, site, module)
+        for node in site.nodes:
+            x = node.args[1] if site.kind == "addmm" else node.args[0]
+            with graph.inserting_before(node):
+                new = graph.call_module(site.fqn, (x,))
+            stamp(new, "swap_linear", site.fqn, like=node)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+        released = "kept (dense base shares the model's storage)"
+        if not _is_dense(target):
+            released = _release(gm, ctx, site.weight_attr_moved, site_nodes)
+        if site.bias_attr_moved:
+            _release_bias(gm, site.bias_attr_moved)
+        ctx.note(
+            target=site.fqn,
+            kind=site.kind,
+            shape=list(weight_shape),
+            format=getattr(module, "format", "none"),
+            r=getattr(module, "r", None),
+            kernel=type(module).__name__,
+            bits_per_param=getattr(module, "bits_per_param", lambda: None)(),
+            source_weight=released,
+        )
+    return PassResult(gm, bool(targets))
+
+
+def set_submodule_safe(gm: GraphModule, site, module: nn.Module) -> None:
+    """Install ``module`` at ``site.fqn`` after moving the old weight/bias out of its way.
+
+    The export placeholder at ``fqn`` owns ``weight``/``bias``; our module defines buffers of the
+    same names, so the originals move to private names first (and ``get_attr`` nodes follow).
+    """
+    site.weight_attr_moved = _move_attr(gm, site.weight_attr, site.fqn)
+    site.bias_attr_moved = _move_attr(gm, site.bias_attr, site.fqn) if site.bias_attr else None
+    set_submodule(gm, site.fqn, module)
+
+
+def _move_attr(gm: GraphModule, attr: str, fqn: str) -> str:
+    if not attr.startswith(fqn + "."):
+        return attr  # lives elsewhere (tied weight owned by another module): untouched by the swap
+    value = get_attr_value(gm, attr)
+    new_name = unique_attr_name(gm, "peftfx_old_" + attr.replace(".", "_"))
+    if isinstance(value, nn.Parameter):
+        gm.register_parameter(new_name, value)
+    else:
+        gm.register_buffer(new_name, value)
+    delete_attr(gm, attr)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == attr:
+            node.target = new_name
+    return new_name
+
+
+def _release_bias(gm: GraphModule, attr: str) -> None:
+    """The bias now lives in the new module; drop the old attribute if nothing else reads it."""
+    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr]
+    if all(not n.users for n in nodes):
+        for n in nodes:
+            gm.graph.erase_node(n)
+        delete_attr(gm, attr)

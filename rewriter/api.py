@@ -1,0 +1,86 @@
+"""``peftfx.compile``: the only place that chains trace -> passes -> emit."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+from torch.fx import GraphModule
+
+from peftfx.emit import REPORT_KEY, emit
+from peftfx.errors import PlanError
+from peftfx.pass_manager import PassContext, run_passes
+from peftfx.plan import Plan
+from peftfx.trace import capture
+
+__all__ = ["compile", "as_plan", "trainable_parameters", "report"]
+
+
+def as_plan(plan: Any) -> Plan:
+    """A :class:`Plan` from a Plan, a dict, or a path to a .toml/.json file."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, dict):
+        return Plan.from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.from_file(plan)
+    raise PlanError(f"plan must be a peftfx.Plan, a dict or a path to a .toml/.json file, got {type(plan).__name__}")
+
+
+def compile(  # noqa: A001 - the public verb
+    model: nn.Module,
+    plan: Any,
+    *,
+    example_inputs: Any = None,
+    release_source_weights: bool = True,
+    snapshots: bool = True,
+) -> GraphModule:
+    """Compile ``model`` and ``plan`` into a trainable GraphModule.
+
+    Args:
+        model: the model to fine-tune (Hugging Face or plain ``nn.Module``), on the device you
+            will train on. Its quantized layers' dense weights are consumed (replaced by meta
+            tensors) unless ``release_source_weights=False``; non-targeted parameters are shared.
+        plan: a :class:`Plan`, a dict, or a path to a plan file.
+        example_inputs: the kwargs (dict), args (tuple) or tensor you call ``model`` with; batch
+            and sequence dims are made dynamic, so use batch >= 2 and sequence >= 2.
+        release_source_weights: free each quantized layer's full-precision weight as it goes.
+        snapshots: keep the graph code before/after every pass for ``peftfx inspect``.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
+        model's train/eval mode, in which only adapter parameters require grad.
+
+    Example::
+
+        >>> import torch, peftfx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> gm = peftfx.compile(model, {"targets": ["0", "2"], "quant": {"format": "nf4"}, "lora": {"r": 4}},
+        ...                     example_inputs=(torch.randn(2, 64),))
+        >>> gm(torch.randn(3, 64)).shape
+        torch.Size([3, 8])
+    """
+    plan = as_plan(plan)
+    training = model.training
+    gm = capture(model, example_inputs)
+    ctx = PassContext(
+        plan=plan,
+        model=model,
+        example_inputs=example_inputs,
+        options={"release_source_weights": release_source_weights},
+    )
+    gm, records = run_passes(gm, ctx, snapshots=snapshots)
+    return emit(gm, training=training, plan=plan, records=records)
+
+
+def trainable_parameters(gm: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of every parameter that requires grad (what the optimizer gets)."""
+    return {name: p for name, p in gm.named_parameters() if p.requires_grad}
+
+
+def report(gm: GraphModule) -> list:
+    """The per-pass records (:class:`peftfx.pass_manager.PassRecord`) of a compiled module."""
+    records = getattr(gm, "meta", {}).get(REPORT_KEY)
+    if records is None:
+        raise PlanError("this module was not produced by peftfx.compile (no pass report attached)")
+    return records
