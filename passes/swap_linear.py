@@ -81,7 +81,32 @@ def build_module(gm: GraphModule, target: Target) -> nn.Module:
     raise AssertionError(f"no dispatch entry for {target.site.fqn}")  # the plan validates formats
 
 
-def _release(gm: GraphModule, ctx: PassContext, attr: str, site_nodes: set) -> str:
+def _release_in_model(model: nn.Module | None, attr: str, param: torch.Tensor) -> None:
+    """Free ``param``'s storage; in the source model put a meta tensor of the same shape there.
+
+    The model shares this storage with the graph. Emptying it frees the memory even if someone
+    still holds the Parameter (an optimizer); the meta placeholder makes any later use of the
+    consumed layer in the source model fail loudly instead of computing with garbage.
+    """
+    shape, dtype = param.shape, param.dtype
+    with torch.no_grad():
+        param.data = torch.empty(0, dtype=dtype, device=param.device)
+    if model is None:
+        return
+    owner, _, leaf = attr.rpartition(".")
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return
+    if getattr(module, leaf, None) is param:
+        placeholder = torch.empty(shape, dtype=dtype, device="meta")
+        if isinstance(param, nn.Parameter):
+            setattr(module, leaf, nn.Parameter(placeholder, requires_grad=False))
+        else:
+            setattr(module, leaf, placeholder)
+
+
+def _release(gm: GraphModule, ctx: PassContext, attr: str, site_nodes: set, source_attr: str) -> str:
     """Drop ``attr`` from the graph once only the swapped nodes read it; free the source copy.
 
     Returns what happened, for the report. A weight other nodes still read (tied embeddings) is
@@ -96,10 +121,7 @@ def _release(gm: GraphModule, ctx: PassContext, attr: str, site_nodes: set) -> s
     param = get_attr_value(gm, attr)
     delete_attr(gm, attr)
     if ctx.options.get("release_source_weights", True) and isinstance(param, torch.Tensor):
-        # The source model shares this storage. Replacing it with a meta tensor frees the memory
-        # and makes any later use of the consumed layer fail loudly instead of silently.
-        with torch.no_grad():
-            param.data = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        _release_in_model(ctx.model, source_attr, param)
         return "released"
     return "dropped from graph"
 
@@ -125,7 +147,7 @@ def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
             graph.erase_node(node)
         released = "kept (dense base shares the model's storage)"
         if not _is_dense(target):
-            released = _release(gm, ctx, site.weight_attr_moved, site_nodes)
+            released = _release(gm, ctx, site.weight_attr_moved, site_nodes, site.weight_attr)
         if site.bias_attr_moved:
             _release_bias(gm, site.bias_attr_moved)
         ctx.note(
