@@ -1,0 +1,143 @@
+"""Modules the passes insert: :class:`QLoRALinear` (and :class:`LoRALinear`, its dense-weight alias).
+
+``forward`` is one ``peftfx::qlora_linear`` call, so the module is usable through ``call_module`` in a
+``torch.fx.GraphModule`` and appears as a single node under ``torch.export``. The frozen weight lives
+in buffers (uint8/int8 packed bytes for quantized formats) so the state dict holds the packed form;
+only ``lora_A`` / ``lora_B`` are parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from peftfx.errors import KernelError
+from peftfx.kernels import ops
+from peftfx.kernels.formats import QuantizedWeight, layer_prefix
+
+__all__ = ["QLoRALinear", "LoRALinear"]
+
+
+class QLoRALinear(nn.Module):
+    """Frozen (quantized) linear + trainable low-rank adapter.
+
+    ``y = x @ deq(W).T + b + s * (dropout(x) @ lora_A.T) @ lora_B.T`` with ``s = alpha / r``
+    (``alpha / sqrt(r)`` with rsLoRA). x ``[..., in]`` -> y ``[..., out]``.
+
+    Args:
+        weight: a :class:`QuantizedWeight`, or a dense ``[out, in]`` tensor (format ``"none"``).
+        bias: ``[out]`` or None (kept as a frozen buffer).
+        r: LoRA rank; None means quantize-only (no adapter parameters).
+        alpha: LoRA alpha. dropout: dropout on the adapter input. use_rslora: ``s = alpha / sqrt(r)``.
+        name: the layer FQN, used in error messages.
+        lora_dtype: dtype of the adapter parameters (fp32 by default, like PEFT's adapter autocast).
+
+    Example::
+
+        >>> from peftfx.kernels.reference import quantize
+        >>> m = QLoRALinear(quantize(torch.randn(32, 16), "nf4"), None, r=4, alpha=8)
+        >>> m(torch.randn(2, 16)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, weight: QuantizedWeight | Tensor, bias: Tensor | None = None, *, r: int | None,
+                 alpha: float = 1.0, dropout: float = 0.0, use_rslora: bool = False, name: str | None = None,
+                 lora_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        where = layer_prefix(name)
+        self.name = name
+        if isinstance(weight, QuantizedWeight):
+            weight.validate(name)
+            self.format = weight.format
+            self.out_features, self.in_features = weight.shape
+            self.block_size, self.block_size2 = weight.block_size, weight.block_size2
+            self.threshold = weight.threshold
+            self.weight_dtype = weight.dtype
+            self.register_buffer("weight", weight.packed)
+            self.register_buffer("weight_scales", weight.scales)
+            self._buffer_or_none("weight_scales2", weight.scales2)
+            self._buffer_or_none("weight_offset", weight.offset)
+        elif isinstance(weight, Tensor) and weight.dim() == 2 and weight.dtype.is_floating_point:
+            self.format = "none"
+            self.out_features, self.in_features = weight.shape
+            self.block_size, self.block_size2, self.threshold = 64, 256, 0.0
+            self.weight_dtype = weight.dtype
+            self.register_buffer("weight", weight.detach())
+            # The op signature needs a scales tensor; keep it out of the state dict.
+            self.register_buffer("weight_scales", torch.empty(0, device=weight.device), persistent=False)
+            self._buffer_or_none("weight_scales2", None)
+            self._buffer_or_none("weight_offset", None)
+        else:
+            desc = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+            raise KernelError(f"{where}weight must be a QuantizedWeight or a 2-D float tensor, got {desc}")
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise KernelError(f"{where}bias shape {list(bias.shape)} != [{self.out_features}]")
+            bias = bias.detach()
+        self._buffer_or_none("bias", bias)
+
+        device = self.weight.device
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        if r is None:
+            self.scaling = 0.0
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+            self.lora_dropout = nn.Identity()
+            return
+        if not isinstance(r, int) or r <= 0 or r > min(self.in_features, self.out_features):
+            raise KernelError(f"{where}LoRA rank r={r!r} must be an int in [1, "
+                              f"{min(self.in_features, self.out_features)}] for a "
+                              f"[{self.out_features}, {self.in_features}] weight")
+        if not 0.0 <= dropout < 1.0:
+            raise KernelError(f"{where}LoRA dropout {dropout!r} must be in [0, 1)")
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=lora_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT / nn.Linear
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _buffer_or_none(self, name: str, t: Tensor | None) -> None:
+        # torch.export mishandles buffers registered as None: keep absent ones plain attributes.
+        if t is None:
+            object.__setattr__(self, name, None)
+        else:
+            self.register_buffer(name, t)
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """The frozen weight as a :class:`QuantizedWeight` (None for format ``"none"``)."""
+        if self.format == "none":
+            return None
+        return QuantizedWeight(self.format, self.weight, self.weight_scales, self.weight_scales2,
+                               self.weight_offset, (self.out_features, self.in_features), self.block_size,
+                               self.block_size2, self.weight_dtype, self.threshold)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """deq(W) ``[out, in]`` (the dense weight itself for format ``"none"``)."""
+        if self.format == "none":
+            return self.weight if dtype is None else self.weight.to(dtype)
+        return ops.dequantize(self.quantized_weight(), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_lora = None
+        if self.lora_A is not None and isinstance(self.lora_dropout, nn.Dropout) and self.training:
+            x_lora = self.lora_dropout(x)
+        return torch.ops.peftfx.qlora_linear(
+            x, self.weight, self.weight_scales, self.weight_scales2, self.weight_offset, self.bias, self.lora_A,
+            self.lora_B, x_lora, float(self.scaling), self.format, self.block_size, self.block_size2,
+            self.out_features, self.in_features, float(self.threshold))
+
+    def extra_repr(self) -> str:
+        return (f"format={self.format}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r}, alpha={self.alpha}, bias={self.bias is not None}")
+
+
+class LoRALinear(QLoRALinear):
+    """:class:`QLoRALinear` with a dense frozen weight (format ``"none"``); same code path."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, **kwargs) -> None:
+        if not isinstance(weight, Tensor):
+            raise KernelError(f"{layer_prefix(kwargs.get('name'))}LoRALinear takes a dense weight tensor")
+        super().__init__(weight, bias, **kwargs)

@@ -1,0 +1,225 @@
+"""``torch.library`` custom ops: ``peftfx::qlora_linear`` (+ its backward) and ``peftfx::dequantize``.
+
+FX, torch.export and torch.compile see each op as one opaque node (``register_fake`` gives shapes).
+The backward saves x (and x_lora), the LoRA factors and the *packed* weight, never deq(W): W is frozen,
+so dx recomputes deq(W) (in row chunks on the reference path).
+
+Backend: ``backend_for(t)`` reads ``PEFTFX_KERNELS`` (``triton`` | ``reference``) on every call;
+unset, CUDA tensors go to Triton when it imports, everything else to :mod:`reference`. The Triton
+modules are imported lazily so this file works without them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from peftfx.errors import KernelError
+from peftfx.kernels import reference
+from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
+
+__all__ = ["qlora_linear", "dequantize", "backend_for"]
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def backend_for(t: Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for tensor ``t`` (``PEFTFX_KERNELS`` forces either)."""
+    forced = os.environ.get("PEFTFX_KERNELS", "").strip().lower()
+    if forced in ("triton", "reference"):
+        return forced
+    if forced:
+        raise KernelError(f"PEFTFX_KERNELS={forced!r}; expected 'triton' or 'reference'")
+    return "triton" if t.device.type == "cuda" and _triton_importable() else "reference"
+
+
+def _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
+               dtype=torch.float32, threshold=0.0) -> QuantizedWeight | Tensor:
+    if format == "none":
+        return packed
+    return QuantizedWeight(format, packed, scales, scales2, offset, (out_features, in_features), block_size,
+                           block_size2, dtype, threshold)
+
+
+def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_lora, name=None) -> None:
+    where = layer_prefix(name)
+    if isinstance(weight, QuantizedWeight):
+        weight.validate(name)
+        out_f, in_f = weight.shape
+    else:
+        if weight.dim() != 2 or not weight.dtype.is_floating_point:
+            raise KernelError(f"{where}dense weight must be a 2-D float tensor, got {weight.dtype} "
+                              f"{list(weight.shape)}")
+        out_f, in_f = weight.shape
+    if not x.dtype.is_floating_point:
+        raise KernelError(f"{where}input must be floating point, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise KernelError(f"{where}input last dim {list(x.shape)[-1:]} != in_features {in_f}")
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise KernelError(f"{where}x_lora shape {list(x_lora.shape)} != x shape {list(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise KernelError(f"{where}bias shape {list(bias.shape)} != [{out_f}]")
+    if (lora_A is None) != (lora_B is None):
+        raise KernelError(f"{where}lora_A and lora_B must both be given or both be None")
+    if lora_A is not None:
+        if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
+            raise KernelError(f"{where}lora_A shape {list(lora_A.shape)} != [r, {in_f}]")
+        r = lora_A.shape[0]
+        if tuple(lora_B.shape) != (out_f, r):
+            raise KernelError(f"{where}lora_B shape {list(lora_B.shape)} != [{out_f}, {r}]")
+
+
+# ------------------------------------------------------------------------------------ forward op
+@torch.library.custom_op("peftfx::qlora_linear", mutates_args=())
+def _qlora_linear_op(
+    x: Tensor, packed: Tensor, scales: Tensor, scales2: Optional[Tensor], offset: Optional[Tensor],
+    bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor], x_lora: Optional[Tensor],
+    scaling: float, format: str, block_size: int, block_size2: int, out_features: int, in_features: int,
+    threshold: float,
+) -> Tensor:
+    w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
+                   x.dtype, threshold)
+    if backend_for(x) == "triton":
+        from peftfx.kernels import qlora_triton
+
+        k = x.shape[-1]
+        y = qlora_triton.qlora_forward_triton(x.reshape(-1, k), w, bias, lora_A, lora_B, scaling,
+                                              None if x_lora is None else x_lora.reshape(-1, k))
+        return y.reshape(*x.shape[:-1], out_features)
+    return reference.qlora_forward_ref(x, w, bias, lora_A, lora_B, scaling, x_lora)
+
+
+@_qlora_linear_op.register_fake
+def _(x, packed, scales, scales2, offset, bias, lora_A, lora_B, x_lora, scaling, format, block_size,
+      block_size2, out_features, in_features, threshold):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# ----------------------------------------------------------------------------------- backward op
+@torch.library.custom_op("peftfx::qlora_linear_backward", mutates_args=())
+def _qlora_linear_backward_op(
+    dy: Tensor, x: Tensor, packed: Tensor, scales: Tensor, scales2: Optional[Tensor], offset: Optional[Tensor],
+    lora_A: Optional[Tensor], lora_B: Optional[Tensor], x_lora: Optional[Tensor], scaling: float, format: str,
+    block_size: int, block_size2: int, out_features: int, in_features: int, threshold: float,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dx_lora, dA, dB); outputs not needed (or without meaning) are empty tensors."""
+    w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
+                   x.dtype, threshold)
+    needs = tuple(bool(n) for n in needs)
+    if backend_for(x) == "triton":
+        from peftfx.kernels import qlora_triton
+
+        k = x.shape[-1]
+        dx, dxl, dA, dB = qlora_triton.qlora_backward_triton(
+            dy.reshape(-1, out_features), x.reshape(-1, k), w, lora_A, lora_B, scaling,
+            None if x_lora is None else x_lora.reshape(-1, k), needs)
+        dx = None if dx is None else dx.reshape(x.shape)
+        dxl = None if dxl is None else dxl.reshape(x.shape)
+    else:
+        dx, dxl, dA, dB = reference.qlora_backward_ref(dy, x, w, lora_A, lora_B, scaling, x_lora, needs)
+    # a fresh empty per missing output: custom op outputs may not alias each other
+    return tuple(x.new_empty(0) if t is None else t.contiguous() for t in (dx, dxl, dA, dB))
+
+
+@_qlora_linear_backward_op.register_fake
+def _(dy, x, packed, scales, scales2, offset, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
+      out_features, in_features, threshold, needs):
+    has_lora = lora_A is not None and lora_B is not None
+    dx = x.new_empty(x.shape) if needs[0] else x.new_empty(0)
+    dxl = x.new_empty(x.shape) if needs[1] and has_lora and x_lora is not None else x.new_empty(0)
+    dA = lora_A.new_empty(lora_A.shape) if needs[2] and has_lora else x.new_empty(0)
+    dB = lora_B.new_empty(lora_B.shape) if needs[3] and has_lora else x.new_empty(0)
+    return dx, dxl, dA, dB
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, scales, scales2, offset, bias, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
+     out_features, in_features, threshold) = inputs
+    ctx.save_for_backward(x, packed, scales, scales2, offset, lora_A, lora_B, x_lora)
+    ctx.meta = (scaling, format, block_size, block_size2, out_features, in_features, threshold)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, packed, scales, scales2, offset, lora_A, lora_B, x_lora = ctx.saved_tensors
+    scaling, format, block_size, block_size2, out_features, in_features, threshold = ctx.meta
+    n = ctx.needs_input_grad
+    needs = [n[0], n[8], n[6], n[7]]
+    dbias = None
+    if ctx.has_bias and n[5]:
+        dbias = dy.reshape(-1, out_features).sum(0)
+    if not any(needs):
+        return (None,) * 5 + (dbias,) + (None,) * 10
+    dx, dxl, dA, dB = torch.ops.peftfx.qlora_linear_backward(
+        dy, x, packed, scales, scales2, offset, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
+        out_features, in_features, threshold, needs)
+    return (dx if n[0] else None, None, None, None, None, dbias, dA if n[6] else None, dB if n[7] else None,
+            dxl if n[8] else None) + (None,) * 7
+
+
+torch.library.register_autograd("peftfx::qlora_linear", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------- dequantize op
+@torch.library.custom_op("peftfx::dequantize", mutates_args=())
+def _dequantize_op(packed: Tensor, scales: Tensor, scales2: Optional[Tensor], offset: Optional[Tensor],
+                   format: str, block_size: int, block_size2: int, out_features: int, in_features: int,
+                   dtype: torch.dtype) -> Tensor:
+    if format == "none":
+        return packed.to(dtype).clone()
+    qw = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
+                    dtype)
+    if backend_for(packed) == "triton":
+        from peftfx.kernels import quant_triton
+
+        return quant_triton.dequantize_triton(qw, dtype)
+    return reference.dequantize(qw, dtype)
+
+
+@_dequantize_op.register_fake
+def _(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features, dtype):
+    return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------- Python API
+def qlora_linear(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | None, lora_A: Tensor | None,
+                 lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None, *,
+                 name: str | None = None) -> Tensor:
+    """``x @ deq(W).T + bias + scaling * (x_lora @ A.T) @ B.T`` for x ``[..., in]`` -> ``[..., out]``.
+
+    ``weight`` is a :class:`QuantizedWeight` or a dense frozen ``[out, in]`` tensor (format "none").
+
+    Example::
+
+        >>> qw = reference.quantize(torch.randn(32, 16), "nf4")
+        >>> A, B = torch.randn(4, 16, requires_grad=True), torch.zeros(32, 4, requires_grad=True)
+        >>> qlora_linear(torch.randn(2, 3, 16), qw, None, A, B, 2.0).shape
+        torch.Size([2, 3, 32])
+    """
+    _check(x, weight, bias, lora_A, lora_B, x_lora, name)
+    if isinstance(weight, QuantizedWeight):
+        return torch.ops.peftfx.qlora_linear(
+            x, weight.packed, weight.scales, weight.scales2, weight.offset, bias, lora_A, lora_B, x_lora,
+            float(scaling), weight.format, weight.block_size, weight.block_size2, weight.shape[0],
+            weight.shape[1], float(weight.threshold))
+    empty = weight.new_empty(0, dtype=torch.float32)
+    return torch.ops.peftfx.qlora_linear(
+        x, weight, empty, None, None, bias, lora_A, lora_B, x_lora, float(scaling), "none", 64, 256,
+        weight.shape[0], weight.shape[1], 0.0)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Tensor:
+    """deq(W) ``[out, in]`` in ``dtype`` (default: the original weight dtype) through ``peftfx::dequantize``."""
+    if qw.format not in FORMATS or qw.format == "none":
+        raise KernelError(f"unknown quantized format {qw.format!r}")
+    return torch.ops.peftfx.dequantize(qw.packed, qw.scales, qw.scales2, qw.offset, qw.format, qw.block_size,
+                                       qw.block_size2, qw.shape[0], qw.shape[1], dtype or qw.dtype)
