@@ -1,0 +1,394 @@
+"""peftfx.distributed: compiled models under DDP and FSDP2, 2 CPU processes with gloo on 127.0.0.1.
+
+One pair of worker processes runs every distributed scenario (imports and compiles dominate the
+cost) and writes its results to a temporary folder; the single-process references run in the
+test process and each test compares one aspect. Workers are joined with a timeout and killed in
+a ``finally`` so a hang or a crash never outlives the test.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftfx
+from peftfx.distributed import _fingerprint, ANCHOR_ATTR, keep_adapters_in_graph
+
+WORLD = 2
+STEPS = 3
+PER_RANK = 2  # sequences per rank and step (global batch 4)
+JOIN_TIMEOUT_S = 120.0
+
+
+# ---------------------------------------------------------------- models, plans, data (shared)
+
+def _llama_gm(seed: int = 0):
+    from tests.model_zoo import make_case
+
+    case = make_case("llama", seed=seed)
+    plan = {"targets": case.all_targets, "quant": {"format": "nf4", "double_quant": True},
+            "lora": {"r": 4, "alpha": 8, "targets": case.attn_targets}}
+    torch.manual_seed(seed)  # LoRA A init: identical in every process
+    return peftfx.compile(case.model, plan, example_inputs=case.inputs)
+
+
+def _llama_batches() -> list[dict]:
+    """STEPS global batches of WORLD * PER_RANK sequences; rank r takes rows [r*PER_RANK, (r+1)*PER_RANK)."""
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(STEPS):
+        ids = torch.randint(3, 96, (WORLD * PER_RANK, 9), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def _shard_of(batch: dict, rank: int) -> dict:
+    return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+
+
+class TwoHeads(nn.Module):
+    """A trunk and two heads; the auxiliary head's output reaches the loss only on some ranks/steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 5)
+        self.aux = nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return self.head(h), self.aux(h)
+
+
+def _two_heads_gm(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TwoHeads()
+    plan = {"targets": ["trunk", "head", "aux"], "quant": {"format": "nf4"}, "lora": {"r": 4, "alpha": 8}}
+    gm = peftfx.compile(model, plan, example_inputs=(torch.randn(2, 64),))
+    with torch.no_grad():  # non-zero B so every adapter's gradient is non-trivial from step 1
+        for name, p in gm.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return gm
+
+
+def _two_heads_data():
+    g = torch.Generator().manual_seed(99)
+    return [(torch.randn(WORLD * PER_RANK, 64, generator=g), torch.randint(0, 5, (WORLD * PER_RANK,), generator=g),
+             torch.randn(WORLD * PER_RANK, 4, generator=g)) for _ in range(STEPS)]
+
+
+def _uses_aux(rank: int, step: int) -> bool:
+    return rank == 0 or step % 2 == 1  # rank 1 skips the aux head on even steps
+
+
+def _two_heads_loss(gm, x, y, z, rank: int, step: int):
+    logits, aux = gm(x)
+    loss = F.cross_entropy(logits, y)
+    return loss + F.mse_loss(aux, z) if _uses_aux(rank, step) else loss
+
+
+def _adapters(gm) -> dict:
+    return {n: p.detach().clone() for n, p in peftfx.trainable_parameters(gm).items()}
+
+
+def _buffer_prints(gm) -> dict:
+    return {n: (b.dtype, _fingerprint(b)) for n, b in gm.named_buffers()}
+
+
+# ---------------------------------------------------------------- worker side
+
+def _scenario_ddp(rank: int) -> dict:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from peftfx.distributed import check_in_sync, ddp
+
+    gm = _llama_gm()
+    before = _buffer_prints(gm)
+    model = ddp(gm)
+    names = {id(p): n for n, p in gm.named_parameters()}
+    reduced: list[tuple[str, torch.dtype]] = []
+
+    def recording_hook(state, bucket):  # what DDP hands to the all-reduce, bucket by bucket
+        reduced.extend((names[id(p)], p.dtype) for p in bucket.parameters())
+        reduced.append(("<bucket numel>", bucket.buffer().numel()))
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, recording_hook)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for batch in _llama_batches():
+        loss = model(**_shard_of(batch, rank)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    check_in_sync(model)
+    return {"adapters": _adapters(gm), "before": before, "after": _buffer_prints(gm), "reduced": reduced,
+            "losses": losses}
+
+
+def _scenario_fsdp(rank: int, outdir: str) -> dict:
+    from peftfx.distributed import full_adapter_state_dict, shard
+    from torch.distributed.tensor import DTensor
+
+    gm = _llama_gm()
+    before = _buffer_prints(gm)
+    shard(gm)
+    sharded = sorted(n for n, p in gm.named_parameters() if isinstance(p, DTensor))
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for batch in _llama_batches():
+        loss = gm(**_shard_of(batch, rank)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        global_loss = loss.detach().clone()
+        torch.distributed.all_reduce(global_loss)
+        losses.append(global_loss.item() / WORLD)
+    sd = full_adapter_state_dict(gm)
+    if rank == 0:
+        torch.save(sd, os.path.join(outdir, "fsdp_adapters.pt"))
+    return {"losses": losses, "sharded": sharded, "before": before, "after": _buffer_prints(gm), "sd_keys": sorted(sd)}
+
+
+def _scenario_unused(rank: int) -> dict:
+    from peftfx.distributed import check_in_sync, ddp
+
+    gm = _two_heads_gm()
+    model = ddp(gm)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step, (x, y, z) in enumerate(_two_heads_data()):
+        sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        _two_heads_loss(model, x[sl], y[sl], z[sl], rank, step).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    check_in_sync(model)
+    # check_in_sync must notice a replica whose packed bytes differ (and say which)
+    detected = ""
+    if rank == 1:
+        with torch.no_grad():
+            gm.get_submodule("aux").weight[0] ^= 1
+    try:
+        check_in_sync(model)
+    except peftfx.PeftfxError as exc:
+        detected = str(exc)
+    return {"adapters": _adapters(gm), "detected": detected}
+
+
+def _scenario_fsdp_bf16(rank: int) -> dict:
+    """FSDP2 mixed precision casts parameters only: packed bytes stay uint8 and unchanged."""
+    from peftfx.distributed import shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    gm = _two_heads_gm()
+    before = _buffer_prints(gm)
+    shard(gm, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    x, y, z = _two_heads_data()[0]
+    _two_heads_loss(gm, x[:PER_RANK], y[:PER_RANK], z[:PER_RANK], rank, 1).backward()
+    grads = {n: (type(p.grad).__name__, p.grad.dtype) for n, p in gm.named_parameters() if p.grad is not None}
+    return {"before": before, "after": _buffer_prints(gm), "grads": grads}
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    results = {}
+    scenarios = (("ddp", lambda: _scenario_ddp(rank)), ("fsdp", lambda: _scenario_fsdp(rank, outdir)),
+                 ("unused", lambda: _scenario_unused(rank)), ("fsdp_bf16", lambda: _scenario_fsdp_bf16(rank)))
+    for name, run in scenarios:
+        try:
+            results[name] = run()
+        except Exception:
+            # Record and leave at once: the peer may sit in a collective this rank will never
+            # join; closing our sockets makes it fail fast instead of waiting for the timeout.
+            results[name] = {"error": traceback.format_exc()}
+            torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+            os._exit(1)
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(fn, outdir: str, *, timeout: float = JOIN_TIMEOUT_S) -> list[int | None]:
+    """Start WORLD spawned processes running ``fn(rank, port, outdir)``; always reap them."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=fn, args=(rank, port, outdir), daemon=True) for rank in range(WORLD)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        return [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+# ---------------------------------------------------------------- test side
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    codes = run_workers(_worker, outdir)
+    results = []
+    for rank in range(WORLD):
+        path = os.path.join(outdir, f"rank{rank}.pt")
+        results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    return {"codes": codes, "ranks": results, "outdir": outdir}
+
+
+def _get(dist_results, scenario: str) -> list[dict]:
+    out = []
+    for rank, res in enumerate(dist_results["ranks"]):
+        r = res.get(scenario)
+        assert r is not None, f"rank {rank} did not run {scenario!r} (exit codes {dist_results['codes']})"
+        assert "error" not in r, f"rank {rank} failed in {scenario!r}:\n{r['error']}"
+        out.append(r)
+    return out
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def llama_reference():
+    """Single-process AdamW training on the global batch: per-step losses and final adapters."""
+    gm = _llama_gm()
+    initial = _adapters(gm)
+    opt = torch.optim.AdamW(peftfx.trainable_parameters(gm).values(), lr=1e-2)
+    losses = []
+    for batch in _llama_batches():
+        loss = gm(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"gm": gm, "losses": losses, "adapters": _adapters(gm), "buffers": _buffer_prints(gm), "initial": initial}
+
+
+def test_workers_exit_cleanly(dist_results):
+    assert dist_results["codes"] == [0] * WORLD, dist_results["ranks"]
+
+
+def test_ddp_matches_single_process_on_global_batch(dist_results, llama_reference):
+    r0, r1 = _get(dist_results, "ddp")
+    assert _max_diff(r0["adapters"], r1["adapters"]) == 0.0  # bitwise identical replicas
+    diff = _max_diff(r0["adapters"], llama_reference["adapters"])
+    assert diff <= 1e-6, diff
+    # the adapters moved: the comparison is not between untouched initial values
+    assert _max_diff(r0["adapters"], llama_reference["initial"]) > 1e-3
+
+
+def test_ddp_keeps_packed_bytes_and_reduces_only_adapters(dist_results, llama_reference):
+    for r in _get(dist_results, "ddp"):
+        assert r["after"].keys() == r["before"].keys() == llama_reference["buffers"].keys()
+        for name, (dtype, fp) in r["after"].items():
+            assert dtype == r["before"][name][0]
+            assert torch.equal(fp, r["before"][name][1]) and torch.equal(fp, llama_reference["buffers"][name][1]), name
+        packed = [n for n, (dt, _) in r["after"].items() if n.endswith(".weight")]
+        assert packed and all(r["after"][n][0] == torch.uint8 for n in packed)
+        reduced = [(n, dt) for n, dt in r["reduced"] if n != "<bucket numel>"]
+        trainable = peftfx.trainable_parameters(llama_reference["gm"])
+        assert sorted({n for n, _ in reduced}) == sorted(trainable)
+        assert {dt for _, dt in reduced} == {torch.float32}
+        bucket_numel = sum(v for n, v in r["reduced"] if n == "<bucket numel>")
+        assert bucket_numel == STEPS * sum(p.numel() for p in trainable.values())
+
+
+def test_fsdp_losses_match_and_saved_adapters_load_back(dist_results, llama_reference):
+    r0, r1 = _get(dist_results, "fsdp")
+    trainable = sorted(peftfx.trainable_parameters(llama_reference["gm"]))
+    assert set(trainable) <= set(r0["sharded"])  # adapters are sharded DTensors, not replicas
+    for r in (r0, r1):
+        assert max(abs(a - b) for a, b in zip(r["losses"], llama_reference["losses"])) <= 1e-6
+        assert all(torch.equal(fp, r["before"][n][1]) and dt == r["before"][n][0] for n, (dt, fp) in r["after"].items())
+    assert r0["sd_keys"] == trainable and r1["sd_keys"] == []  # gathered on rank 0 only
+    saved = torch.load(os.path.join(dist_results["outdir"], "fsdp_adapters.pt"))
+    assert _max_diff(saved, llama_reference["adapters"]) <= 1e-6
+    fresh = _llama_gm()
+    missing, unexpected = fresh.load_state_dict(saved, strict=False)
+    assert not unexpected and not set(saved) & set(missing)
+    batch = _llama_batches()[0]
+    with torch.no_grad():
+        out, ref = fresh(**batch).logits, llama_reference["gm"](**batch).logits
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_unused_adapter_does_not_diverge_ranks(dist_results):
+    r0, r1 = _get(dist_results, "unused")
+    assert _max_diff(r0["adapters"], r1["adapters"]) == 0.0
+    # reference: one process, loss = mean over ranks of each rank's loss on its own rows
+    gm = _two_heads_gm()
+    opt = torch.optim.AdamW(peftfx.trainable_parameters(gm).values(), lr=1e-2)
+    for step, (x, y, z) in enumerate(_two_heads_data()):
+        losses = [_two_heads_loss(gm, x[r * PER_RANK:(r + 1) * PER_RANK], y[r * PER_RANK:(r + 1) * PER_RANK],
+                                  z[r * PER_RANK:(r + 1) * PER_RANK], r, step) for r in range(WORLD)]
+        (sum(losses) / WORLD).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert _max_diff(r0["adapters"], _adapters(gm)) <= 1e-6
+    for r in (r0, r1):  # a replica with one flipped packed byte is caught and named, on every rank
+        assert "aux.weight" in r["detected"]
+
+
+def test_fsdp_mixed_precision_leaves_packed_bytes_alone(dist_results):
+    for r in _get(dist_results, "fsdp_bf16"):
+        for name, (dtype, fp) in r["after"].items():
+            assert dtype == r["before"][name][0] and torch.equal(fp, r["before"][name][1]), name
+        assert {n.rpartition(".")[2] for n in r["grads"]} == {"lora_A", "lora_B"}
+        assert all(kind == "DTensor" and dt == torch.float32 for kind, dt in r["grads"].values())
+
+
+# ---------------------------------------------------------------- single-process checks
+
+def test_keep_adapters_in_graph_is_exact_and_reaches_every_adapter():
+    gm = _two_heads_gm()
+    x = torch.randn(3, 64)
+    ref_logits, ref_aux = gm(x)
+    ref_logits.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    assert not any(n.startswith("aux.") for n in ref_grads)  # the aux adapter is unused here
+    gm.zero_grad(set_to_none=True)
+    handle = keep_adapters_in_graph(gm)
+    assert keep_adapters_in_graph(gm) is handle  # idempotent
+    logits, aux = gm(x)
+    assert torch.equal(logits, ref_logits) and torch.equal(aux, ref_aux)
+    logits.sum().backward()
+    grads = {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
+    assert sorted(grads) == sorted(peftfx.trainable_parameters(gm))
+    assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
+    assert all(torch.count_nonzero(grads[n]) == 0 for n in grads if n.startswith("aux."))
+    handle.remove()
+    assert torch.equal(gm(x)[1], ref_aux) and keep_adapters_in_graph(gm) is not handle  # re-installable
+    assert getattr(gm, ANCHOR_ATTR) is not handle
+
+
+def test_integer_parameters_are_refused_by_name():
+    from peftfx.distributed import ddp
+
+    gm = _two_heads_gm()
+    gm.head.register_parameter("codes", nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False))
+    with pytest.raises(peftfx.PeftfxError, match="head.codes"):
+        ddp(gm)
