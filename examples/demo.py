@@ -84,8 +84,10 @@ def accuracy(gm, tok, data, max_len: int, batch: int = 64) -> float:
     correct = 0
     for i in range(0, len(data), batch):
         chunk = data[i : i + batch]
-        logits = gm(**encode(tok, [t for t, _ in chunk], max_len)).logits
-        correct += (logits.argmax(-1) == torch.tensor([y for _, y in chunk])).sum().item()
+        labels = torch.tensor([y for _, y in chunk])
+        # the compiled signature is the one example_inputs had: input_ids, attention_mask, labels
+        logits = gm(**encode(tok, [t for t, _ in chunk], max_len), labels=labels).logits
+        correct += (logits.argmax(-1) == labels).sum().item()
     return correct / len(data)
 
 
@@ -111,9 +113,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", default="plans/minilm_nf4_lora.toml")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--train-per-class", type=int, default=300)
+    ap.add_argument("--train-per-class", type=int, default=200)
     ap.add_argument("--test-per-class", type=int, default=80)
-    ap.add_argument("--max-len", type=int, default=48)
+    ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--out", default="out/demo_adapters")
@@ -128,6 +130,7 @@ def main(argv=None) -> None:
     tok, model = load_minilm(len(PLAYS))
     plan = peftfx.Plan.from_file(args.plan)
     example = encode(tok, [t for t, _ in train[:2]], args.max_len)
+    example["labels"] = torch.tensor([y for _, y in train[:2]])
     t0 = time.perf_counter()
     gm = peftfx.compile(model, plan, example_inputs=example)
     print(f"compiled {type(model).__name__} with {args.plan} in {time.perf_counter() - t0:.1f} s")

@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from peftfx.errors import TraceError
 
-__all__ = ["capture", "normalize_inputs", "owner_fqn", "owner_stack", "DropoutRate"]
+__all__ = ["capture", "normalize_inputs", "owner_fqn", "owner_stack", "DropoutRate", "SIGNATURE_KEY"]
 
 aten = torch.ops.aten
 _DROPOUT_OPS = (aten.dropout.default,)
@@ -152,11 +152,29 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
                 f"  at {_user_frame(exc)}\n  hint: {hint}"
             ) from exc
     gm = ep.module()
+    gm.meta[SIGNATURE_KEY] = (len(args), tuple(kwargs))
+    gm.register_forward_pre_hook(_check_signature, with_kwargs=True, prepend=True)
     _restore_train_eval(gm)
     _unbake_dropout(gm)
     gm.recompile()
     gm.train(model.training)
     return gm
+
+
+SIGNATURE_KEY = "peftfx.signature"
+
+
+def _check_signature(gm: GraphModule, args: tuple, kwargs: dict) -> None:
+    """The graph was captured for one set of arguments: say so plainly when a call differs."""
+    n_args, names = gm.meta.get(SIGNATURE_KEY, (len(args), tuple(kwargs)))
+    if len(args) != n_args or set(kwargs) != set(names):
+        got = [f"{len(args)} positional"] + sorted(kwargs)
+        want = [f"{n_args} positional"] + sorted(names)
+        raise TraceError(
+            f"this module was compiled for arguments ({', '.join(want)}) but was called with "
+            f"({', '.join(got)}); the graph is fixed by example_inputs, so pass every argument you "
+            "will call with (labels included) in example_inputs when compiling"
+        )
 
 
 def _restore_train_eval(gm: GraphModule) -> None:

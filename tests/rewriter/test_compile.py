@@ -154,3 +154,13 @@ def test_unexportable_model_names_source_line():
 def test_missing_example_inputs():
     with pytest.raises(peftfx.TraceError, match="example_inputs"):
         peftfx.compile(MLP(), _nf4(["up"], r=4))
+
+
+def test_call_with_other_arguments_than_compiled_for_is_a_clear_error():
+    from tests.model_zoo import make_case
+
+    case = make_case("bert")
+    gm = peftfx.compile(case.model, {"targets": ["query"], "lora": {}}, example_inputs=case.inputs)
+    inputs = {k: v for k, v in case.inputs.items() if k != "labels"}
+    with pytest.raises(peftfx.TraceError, match="labels"):
+        gm(**inputs)
