@@ -26,14 +26,17 @@ Three things PyTorch does not do for us, and this module does:
    one FSDP group of the root, after broadcasting rank 0's tensors (FSDP2 has no
    ``sync_module_states``: LoRA A is randomly initialized on each rank).
 3. **Saving from FSDP2.** :func:`full_adapter_state_dict` gathers the trainable parameters
-   (DTensor shards) into full CPU tensors on rank 0, under the compiled model's own names, for
-   ``peftfx.save_adapters`` or ``torch.save``.
+   (DTensor shards) into full CPU tensors on rank 0, under the compiled model's own names;
+   :func:`save_adapters` writes them as ``peftfx.save_adapters`` does (loadable by
+   ``peftfx.load_adapters`` in a single process).
 
 :func:`check_in_sync` compares byte fingerprints of every parameter and buffer across ranks and
 names the first tensor that differs: a cheap guard against silent divergence.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +52,7 @@ __all__ = [
     "shard",
     "keep_adapters_in_graph",
     "full_adapter_state_dict",
+    "save_adapters",
     "check_in_sync",
     "unwrap",
     "ANCHOR_ATTR",
@@ -226,6 +230,33 @@ def full_adapter_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dic
         if is_rank0 or not rank0_only:
             out[name] = t.cpu().clone()
     return out
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path | None:
+    """``peftfx.save_adapters`` for a DDP or FSDP2 model: gather on every rank, write on rank 0.
+
+    Collective: every rank must call it. The file is the one ``peftfx.save_adapters`` writes for a
+    single-process model (same names, plan, layer facts and base fingerprint; packed bases are
+    replicated buffers, so rank 0's fingerprint is every rank's), and it loads with
+    ``peftfx.load_adapters`` into a single-process compiled model. Ranks meet at a barrier after
+    the write, so the file exists when any rank returns.
+
+    Returns:
+        The file path on rank 0, None on the other ranks.
+    """
+    from peftfx.checkpoint import ADAPTER_FILE, _common_meta, base_fingerprint, write_safetensors
+
+    gm = unwrap(model)
+    tensors = full_adapter_state_dict(model)
+    path = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / ADAPTER_FILE
+        write_safetensors(path, tensors, {**_common_meta(gm, "adapters"), "peftfx.fingerprint": base_fingerprint(gm)})
+    if dist.is_initialized():
+        dist.barrier()
+    return path
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
