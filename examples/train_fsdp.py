@@ -1,0 +1,103 @@
+"""Sharded QLoRA with FSDP2: ``torchrun --nproc-per-node 2 examples/train_fsdp.py``.
+
+Runs unchanged on CPUs (gloo) and on GPUs (nccl, one per process). Same model, plan and data as
+``train_ddp.py``; here ``peftfx.distributed.shard`` applies ``fully_shard`` (parameters sharded,
+packed NF4 bytes left as replicated uint8 buffers, untouched by the mixed-precision policy), and
+``peftfx.distributed.save_adapters`` gathers the sharded adapters and writes them on rank 0, in
+the file ``peftfx.load_adapters`` reads in a single process.
+
+    torchrun --nproc-per-node 2 examples/train_fsdp.py --steps 30 --out out/fsdp_adapters
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+import peftfx
+from peftfx.distributed import save_adapters, shard
+
+VOCAB, SEQ = 128, 16
+PLAN = {
+    "targets": ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"],
+    "quant": {"format": "nf4", "double_quant": True},
+    "lora": {"r": 8, "alpha": 16, "targets": ["*.q_proj", "*.v_proj", "*.up_proj", "*.down_proj"]},
+}
+
+
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      use_cache=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def counting_batch(batch: int, generator: torch.Generator) -> dict:
+    """``batch`` sequences ``(start + stride * t) % VOCAB``: learnable from a few tokens of context."""
+    start = torch.randint(0, VOCAB, (batch, 1), generator=generator)
+    stride = torch.randint(1, 4, (batch, 1), generator=generator)
+    ids = (start + stride * torch.arange(SEQ)) % VOCAB
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Process group from torchrun's environment: nccl on GPUs, gloo on CPUs."""
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (split across ranks)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--out", default="out/fsdp_adapters")
+    args = ap.parse_args()
+    rank, world, device = setup()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the world size {world}")
+
+    torch.manual_seed(0)  # every rank builds the same base (shard() also broadcasts rank 0's tensors)
+    model = tiny_llama().to(device)
+    example = {k: v.to(device) for k, v in counting_batch(2, torch.Generator().manual_seed(0)).items()}
+    gm = peftfx.compile(model, PLAN, example_inputs=example)
+    gm.train()
+    # bf16 compute on GPUs; parameters only: the packed uint8 base is a buffer and never cast
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    model = shard(gm, mp_policy=mp)
+    opt = torch.optim.AdamW(peftfx.trainable_parameters(gm).values(), lr=args.lr)  # sharded optimizer state
+
+    data = torch.Generator().manual_seed(1)  # the same global batches on every rank
+    per_rank = args.batch // world
+    for step in range(args.steps):
+        batch = counting_batch(args.batch, data)
+        mine = {k: v[rank * per_rank:(rank + 1) * per_rank].to(device) for k, v in batch.items()}
+        loss = model(**mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == args.steps - 1:
+            avg = loss.detach().clone()
+            dist.all_reduce(avg)
+            if rank == 0:
+                print(f"step {step:4d}  loss {avg.item() / world:.4f}", flush=True)
+
+    path = save_adapters(model, args.out)
+    if rank == 0:
+        print(f"saved adapters to {path} ({world} ranks, backend {dist.get_backend()})")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
