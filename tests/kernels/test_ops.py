@@ -27,9 +27,17 @@ def _reference_backend(monkeypatch):
     monkeypatch.setenv("PEFTFX_KERNELS", "reference")
 
 
-@pytest.mark.parametrize("fmt,dq", [(f, False) for f in FMTS] + [("nf4", True)])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("lora", ["none", "x", "x_lora"])
+# Every bias x LoRA combination on the dense and NF4+DQ paths; one full combination per other format
+# (opcheck costs ~1 s a case on a shared CPU).
+OPCHECK_CASES = (
+    [(f, dq, b, lora) for f, dq in [("none", False), ("nf4", True)] for b in (False, True)
+     for lora in ("none", "x", "x_lora")]
+    + [(f, False, True, "x_lora") for f in ["nf4", "fp4", "int8", "int8-zeropoint", "llm-int8"]]
+    + [("llm-int8", False, False, "x")]
+)
+
+
+@pytest.mark.parametrize("fmt,dq,bias,lora", OPCHECK_CASES)
 def test_opcheck_qlora_linear(fmt, dq, bias, lora):
     weight = _weight(fmt, dq=dq)
     x = torch.randn(2, 3, 20, requires_grad=True)
