@@ -7,12 +7,15 @@ a ``finally`` so a hang or a crash never outlives the test.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -148,7 +151,7 @@ def _scenario_fsdp(rank: int, gm, outdir: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         global_loss = loss.detach().clone()
-        torch.distributed.all_reduce(global_loss)
+        dist.all_reduce(global_loss)
         losses.append(global_loss.item() / WORLD)
     sd = full_adapter_state_dict(gm)
     path = save_adapters(gm, os.path.join(outdir, "fsdp_adapters"))
@@ -197,13 +200,7 @@ def _scenario_fsdp_bf16(rank: int) -> dict:
 def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from datetime import timedelta
-
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    import copy
-
     results = {}
     llama = _llama_gm()
     llama_copy = copy.deepcopy(llama)  # a compile costs seconds; the copy is the same model
@@ -256,8 +253,6 @@ def run_workers(fn, outdir: str, *, meanwhile=lambda: None, timeout: float = JOI
 
 def _llama_reference() -> dict:
     """Single-process AdamW training on the global batch: per-step losses and final adapters."""
-    import copy
-
     gm = _llama_gm()
     fresh = copy.deepcopy(gm)
     initial = _adapters(gm)
