@@ -149,12 +149,15 @@ def bnb_state_dict(gm: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
-def to_linear4bit(module: nn.Module, *, compute_dtype: torch.dtype | None = None) -> nn.Module:
+def to_linear4bit(module: nn.Module, *, compute_dtype: torch.dtype | None = None, exact: bool = True) -> nn.Module:
     """A ``bitsandbytes.nn.Linear4bit`` holding ``module``'s exact codes (no LoRA; base only).
 
     Args:
         module: an NF4/FP4 :class:`~peftfx.kernels.modules.QLoRALinear`.
         compute_dtype: the matmul dtype (defaults to the original weight dtype).
+        exact: keep bitsandbytes off its CPU inference fast path. On CPUs with AVX512-BF16,
+            bnb 0.50 repacks the weight on the first eval-mode no-grad call into a layout with
+            bf16 absmax, which moves outputs by ~1e-3; with ``exact`` the codes stay ours.
     """
     import bitsandbytes as bnb
 
@@ -169,4 +172,6 @@ def to_linear4bit(module: nn.Module, *, compute_dtype: torch.dtype | None = None
     data = state.pop("weight")
     lin.weight = bnb.nn.Params4bit.from_prequantized(data.clone(), state, requires_grad=False, device=dev, module=lin)
     lin.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False) if module.bias is not None else None
+    if exact:
+        lin.support_avx512bf16_for_cpu = False
     return lin
