@@ -144,13 +144,19 @@ def _quantize_4bit_kernel(
     x_even = tl.load(w_ptr + even, mask=m_even, other=0.0).to(tl.float32)
     x_odd = tl.load(w_ptr + even + 1, mask=(even + 1) < numel, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
-    safe = tl.maximum(absmax, 1e-38)  # bitsandbytes' clamp: an all-zero block scales 0 -> 0, not NaN
+    # bitsandbytes' clamp(min=1e-38) makes an all-zero block scale 0 -> 0, not NaN. Written as selects:
+    # a GPU may flush the subnormal 1e-38 to zero in arithmetic (ftz), a select keeps its bits.
+    # (Only a nonzero subnormal absmax, below 1e-38, would differ from the reference.)
+    nonzero = (absmax > 0.0)[:, None]
+    safe = tl.where(absmax > 0.0, absmax, 1e-38)
     # The reference (bitsandbytes' default backend) multiplies full blocks by 1/absmax but divides the
     # partial last block by its absmax, and stores the clamped absmax only for that partial block.
     partial = ((blk == n_blocks - 1) & (numel % BLOCK_SIZE != 0))[:, None]
     inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)[:, None]
     s_even = tl.where(partial, tl.math.div_rn(x_even, safe[:, None]), x_even * inv)
     s_odd = tl.where(partial, tl.math.div_rn(x_odd, safe[:, None]), x_odd * inv)
+    s_even = tl.where(nonzero, s_even, 0.0)
+    s_odd = tl.where(nonzero, s_odd, 0.0)
     q_even = _bucketize(tl.minimum(tl.maximum(s_even, -1.0), 1.0), bounds_ptr, order_ptr, 15)
     q_odd = _bucketize(tl.minimum(tl.maximum(s_odd, -1.0), 1.0), bounds_ptr, order_ptr, 15)
     byte = ((q_even << 4) | q_odd).to(tl.uint8)
