@@ -106,13 +106,9 @@ def test_add_and_remove_adapters_without_retracing(served, tmp_path):
     peftfx.remove_adapter(gm, "b")
     with torch.no_grad():  # the freed slot serves the base model
         torch.testing.assert_close(gm(**inputs, adapter_ids=ids_b).logits, base, atol=0, rtol=0)
-    # a saved adapter folder, when peftfx.checkpoint is in this build, else the compiled module itself
-    try:
-        from peftfx.checkpoint import save_adapters
-        source = tmp_path / "b"
-        save_adapters(singles["b"], source)
-    except ModuleNotFoundError:
-        source = singles["b"]
+    # a folder written by save_adapters, checked against this base's fingerprint
+    source = tmp_path / "b"
+    peftfx.save_adapters(singles["b"], source)
     slot = peftfx.add_adapter(gm, "b2", source)
     assert slot == 1 and peftfx.adapter_index(gm, "b2") == 1  # reuses the freed slot
     with torch.no_grad():
