@@ -39,6 +39,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).strip("torch.")
 
 
+def _bnb_code(fmt: str) -> Tensor:
+    # bitsandbytes' fp4 map holds +0.0 where ours holds -0.0 (index 8): same codes, other bytes
+    return code_for(fmt) + 0.0
+
+
 def _pack_json(d: dict) -> Tensor:
     """bitsandbytes.utils.pack_dict_to_tensor: UTF-8 JSON bytes as a uint8 tensor."""
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
@@ -66,7 +71,7 @@ def to_bnb(qw: QuantizedWeight, bias: Tensor | None = None, *, prefix: str = "")
     if qw.format not in BNB_FORMATS:
         raise CheckpointError(f"{prefix or 'layer'}: bitsandbytes Linear4bit stores nf4/fp4 only, got {qw.format!r}")
     w = f"{prefix}weight"
-    out = {w: qw.packed.reshape(-1, 1), f"{w}.absmax": qw.scales, f"{w}.quant_map": code_for(qw.format).clone()}
+    out = {w: qw.packed.reshape(-1, 1), f"{w}.absmax": qw.scales, f"{w}.quant_map": _bnb_code(qw.format)}
     info = {"quant_type": qw.format, "blocksize": qw.block_size, "dtype": _dtype_name(qw.dtype),
             "shape": [int(qw.shape[0]), int(qw.shape[1])]}
     if qw.double_quant:
