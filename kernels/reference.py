@@ -22,6 +22,7 @@ deq(W) is produced in row chunks so a full fp32 copy of a large weight never exi
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterator
 
 import torch
@@ -212,40 +213,75 @@ def quantize_llm_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------- dequantize
+# Decoded fp32 scales of double-quantized weights, keyed by the uint8 scales tensor (weakly: the cache
+# entry dies with the weight) and the version counters of scales/scales2/offset (in-place loads invalidate it). The entry is
+# n_blocks fp32 = 1/16 of the packed bytes (0.5 bit/param at block 64), kept out of buffers and state
+# dicts, so the stored format stays 4.127 bits/param; it saves the decode on every forward/backward.
+_SCALES_CACHE: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}  # id -> (ref, versions, fp32)
+
+
 def decode_scales(qw: QuantizedWeight) -> Tensor:
     """fp32 per-block scale (absmax for 4-bit, absmax/127 for int8, ...), undoing double quantization."""
-    if qw.double_quant:
-        code = _on("dyn", DYNAMIC_CODE, qw.scales.device)
-        s = code[qw.scales.long()].view(-1)
-        nb = s.numel()
-        s2 = qw.scales2.repeat_interleave(qw.block_size2)[:nb]
-        return s * s2 + qw.offset
-    return qw.scales
+    if not qw.double_quant:
+        return qw.scales
+    key = qw.scales
+    if not _is_plain(key):  # fake / functional tensors: no caching on the export path
+        return _decode_double(qw)
+    version = (key._version, qw.scales2._version, qw.offset._version)
+    hit = _SCALES_CACHE.get(id(key))
+    if hit is not None and hit[0]() is key and hit[1] == version:
+        return hit[2]
+    s = _decode_double(qw)
+    kid = id(key)  # identity, not ==: tensors compare elementwise
+    _SCALES_CACHE[kid] = (weakref.ref(key, lambda _, kid=kid: _SCALES_CACHE.pop(kid, None)), version, s)
+    return s
+
+
+def _is_plain(t: Tensor) -> bool:
+    # fake / functional tensors are subclasses; inference tensors have no version counter
+    return type(t) is torch.Tensor and t.device.type != "meta" and not t.is_inference()
+
+
+def _decode_double(qw: QuantizedWeight) -> Tensor:
+    code = _on("dyn", DYNAMIC_CODE, qw.scales.device)
+    s = code[qw.scales.long()].view(-1)
+    nb = s.numel()
+    s2 = qw.scales2.repeat_interleave(qw.block_size2)[:nb]
+    return s * s2 + qw.offset
+
+
+# Packed bytes handled per step: the int32 indices (256 KB) and the fp32 values (512 KB) stay in L2, so
+# the gather, the scale multiply and the cast each read what the previous op just wrote. Page faults of
+# freshly allocated outputs, not the lookup, dominate large dequantizations: callers that loop pass
+# ``out`` (a reused workspace).
+_DEQ_CHUNK_BYTES = 1 << 16
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, block_size: int, n: int, format: str,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """``[n]`` in ``dtype`` from packed bytes and fp32 absmax.
+                    dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+    """``[n]`` in ``dtype`` from packed bytes and fp32 absmax (written into ``out`` [>= n] when given).
 
     One gather per byte from a 256-entry byte -> (hi, lo) table viewed as float64 (8 bytes = the two
-    fp32 values), then an in-place multiply by the block scales. Chunks are large on purpose: each op
-    is an OpenMP region, and many small regions collapse (10x) when the CPU is oversubscribed; the
-    chunking only bounds the fp32 temporaries of a half-precision result.
+    fp32 values; ``index_select`` on int32 indices is the fastest eager lookup, ~10x ``take``/``embedding``),
+    then an in-place multiply by the block scales, chunk by chunk.
     """
-    table = _on(f"pairs64_{format}", _PAIRS[format].view(torch.float64).view(-1), packed.device)
+    dev = packed.device
+    table = _on(f"pairs64_{format}", _PAIRS[format].view(torch.float64).view(-1), dev)
     packed = packed.reshape(-1)
     nbytes = packed.numel()
-    vals = torch.empty(nbytes, dtype=torch.float64, device=packed.device)
-    out = vals.view(torch.float32) if dtype == torch.float32 else torch.empty(2 * nbytes, dtype=dtype,
-                                                                                device=packed.device)
+    if out is None:
+        out = torch.empty(2 * nbytes, dtype=dtype, device=dev)
+    direct = dtype == torch.float32 and out.numel() >= 2 * nbytes and out.data_ptr() % 8 == 0
+    vals = out[: 2 * nbytes].view(torch.float64) if direct else None
     step = max(1, _DEQ_CHUNK_BYTES // block_size) * block_size // 2  # bytes per chunk, block aligned
-    idx = torch.empty(min(step, nbytes), dtype=torch.int32, device=packed.device)
+    idx = torch.empty(min(step, nbytes), dtype=torch.int32, device=dev)
+    scratch = None if direct else torch.empty(min(step, nbytes), dtype=torch.float64, device=dev)
     full_blocks = n // block_size
     for b0 in range(0, nbytes, step):
         b1 = min(nbytes, b0 + step)
         ii = idx[: b1 - b0]
         ii.copy_(packed[b0:b1])
-        chunk = vals[b0:b1]
+        chunk = vals[b0:b1] if direct else scratch[: b1 - b0]
         torch.index_select(table, 0, ii, out=chunk)
         c32 = chunk.view(torch.float32)
         e0 = 2 * b0
@@ -254,48 +290,46 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, block_size: int, n: int, for
             c32[: (k1 - k0) * block_size].view(-1, block_size).mul_(absmax[k0:k1].view(-1, 1))
         if 2 * b1 >= n and n % block_size:  # the partial last block has its own scale
             c32[full_blocks * block_size - e0: n - e0].mul_(absmax[full_blocks])
-        if out is not None and dtype != torch.float32:
-            out[e0: 2 * b1].copy_(c32)
+        if not direct:
+            e1 = min(n, 2 * b1)
+            out[e0:e1].copy_(c32[: e1 - e0])
     return out[:n]
 
 
-_DEQ_CHUNK_BYTES = 1 << 22
-
-
 def _dequant_flat(qw: QuantizedWeight, scales: Tensor, e0: int, e1: int,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+                  dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """Flat elements [e0, e1) of deq(W) (``dtype`` for 4-bit, else fp32); e0 is block aligned."""
     bs = qw.block_size
     b0, b1 = e0 // bs, -(-e1 // bs)
     n = e1 - e0
     if qw.format in ("nf4", "fp4"):
-        return dequantize_4bit(qw.packed[e0 // 2: (e1 + 1) // 2], scales[b0:b1], bs, n, qw.format, dtype)
+        return dequantize_4bit(qw.packed[e0 // 2: (e1 + 1) // 2], scales[b0:b1], bs, n, qw.format, dtype, out)
     q = qw.packed.reshape(-1)[e0:e1].float()
     full = (n // bs) * bs
-    out = torch.empty_like(q)
+    res = torch.empty_like(q)
     if qw.format == "int8-zeropoint":
         zero = qw.offset[b0:b1]
         if full:
             torch.mul(q[:full].view(-1, bs) - zero[: full // bs].view(-1, 1), scales[b0:b0 + full // bs].view(-1, 1),
-                      out=out[:full].view(-1, bs))
+                      out=res[:full].view(-1, bs))
         if full < n:
-            torch.mul(q[full:] - zero[-1], scales[b1 - 1], out=out[full:])
-        return out
+            torch.mul(q[full:] - zero[-1], scales[b1 - 1], out=res[full:])
+        return res
     if full:
-        torch.mul(q[:full].view(-1, bs), scales[b0:b0 + full // bs].view(-1, 1), out=out[:full].view(-1, bs))
+        torch.mul(q[:full].view(-1, bs), scales[b0:b0 + full // bs].view(-1, 1), out=res[:full].view(-1, bs))
     if full < n:
-        torch.mul(q[full:], scales[b1 - 1], out=out[full:])
-    return out
+        torch.mul(q[full:], scales[b1 - 1], out=res[full:])
+    return res
 
 
 def _dequant_rows(qw: QuantizedWeight, scales: Tensor, r0: int, r1: int,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+                  dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     k = qw.shape[1]
     if qw.format == "llm-int8":
-        out = qw.packed[r0:r1].float() * (scales[r0:r1] / 127.0).view(-1, 1)
+        res = qw.packed[r0:r1].float() * (scales[r0:r1] / 127.0).view(-1, 1)
     else:
-        out = _dequant_flat(qw, scales, r0 * k, r1 * k, dtype).view(r1 - r0, k)
-    return out.to(dtype)
+        res = _dequant_flat(qw, scales, r0 * k, r1 * k, dtype, out).view(r1 - r0, k)
+    return res.to(dtype)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Tensor:
@@ -313,16 +347,20 @@ def _row_step(qw: QuantizedWeight) -> int:
     return step
 
 
-def iter_dequantized_rows(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
-                          max_elems: int = CHUNK_ELEMS) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(r0, r1, deq(W)[r0:r1])`` chunks of at most ~``max_elems`` elements, block aligned."""
+def iter_dequantized_rows(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, max_elems: int = CHUNK_ELEMS,
+                          *, reuse: bool = False) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(r0, r1, deq(W)[r0:r1])`` chunks of at most ~``max_elems`` elements, block aligned.
+
+    With ``reuse`` every chunk is written into one buffer: consume each chunk before the next.
+    """
     out_f, k = qw.shape
     step = _row_step(qw)
     rows = max(step, (max_elems // max(k, 1)) // step * step)
     scales = decode_scales(qw)
+    buf = torch.empty(min(rows, out_f) * k + 1, dtype=dtype, device=qw.device) if reuse else None
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
-        yield r0, r1, _dequant_rows(qw, scales, r0, r1, dtype)
+        yield r0, r1, _dequant_rows(qw, scales, r0, r1, dtype, buf)
 
 
 # ------------------------------------------------------------------------------------------ fused math
@@ -350,27 +388,39 @@ def llm_int8_matmul(x: Tensor, qw: QuantizedWeight) -> Tensor:
     return y
 
 
+# At most this many rows of x count as decode-shaped: deq(W) then goes through L2-sized chunks, each
+# consumed by a GEMV while it is still cached, instead of through memory.
+GEMV_ROWS = 16
+GEMV_CHUNK_ELEMS = 1 << 17
+
+
+def _chunk_elems(m: int) -> int:
+    return GEMV_CHUNK_ELEMS if m <= GEMV_ROWS else CHUNK_ELEMS
+
+
 def _base_forward(x2: Tensor, weight: QuantizedWeight | Tensor) -> Tensor:
     if isinstance(weight, Tensor):
         return x2 @ weight.to(x2.dtype).t()
     if weight.format == "llm-int8":
         return llm_int8_matmul(x2, weight)
-    if weight.numel <= CHUNK_ELEMS:
+    max_elems = _chunk_elems(x2.shape[0])
+    if weight.numel <= max_elems:
         return x2 @ dequantize(weight, x2.dtype).t()
     y = x2.new_empty(x2.shape[0], weight.shape[0])
-    for r0, r1, w in iter_dequantized_rows(weight, x2.dtype):
-        y[:, r0:r1] = x2 @ w.t()
+    for r0, r1, w in iter_dequantized_rows(weight, x2.dtype, max_elems, reuse=True):
+        torch.mm(x2, w.t(), out=y[:, r0:r1])  # BLAS writes the column slice in place (ldc = out_features)
     return y
 
 
 def _base_backward(dy: Tensor, weight: QuantizedWeight | Tensor) -> Tensor:
     if isinstance(weight, Tensor):
         return dy @ weight.to(dy.dtype)
-    if weight.numel <= CHUNK_ELEMS:
+    max_elems = _chunk_elems(dy.shape[0])
+    if weight.numel <= max_elems:
         return dy @ dequantize(weight, dy.dtype)
-    dx = dy.new_zeros(dy.shape[0], weight.shape[1])
-    for r0, r1, w in iter_dequantized_rows(weight, dy.dtype):
-        dx.addmm_(dy[:, r0:r1], w)
+    dx = None
+    for r0, r1, w in iter_dequantized_rows(weight, dy.dtype, max_elems, reuse=True):
+        dx = dy[:, r0:r1] @ w if dx is None else dx.addmm_(dy[:, r0:r1], w)
     return dx
 
 
