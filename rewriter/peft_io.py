@@ -186,21 +186,98 @@ def export_peft(gm: nn.Module, directory: str | os.PathLike, *, task_type: str |
         _write_weights(directory, tensors)
         _write_config(directory, "LORA", {**lora_config_fields(gm), **common}, auto_mapping)
     else:
-        from peftfx.peft_prompt import export_prompt
-
-        peft_type, fields, tensors = export_prompt(gm, method)
+        if task_type is None:
+            task_type = _default_task(root)
+            common["task_type"] = task_type
+        peft_type, fields, tensors = _export_prompt(gm, method)
         _write_weights(directory, tensors)
-        _write_config(directory, peft_type, {**fields, **common}, auto_mapping)
+        _write_config(directory, peft_type, {**fields, **common}, None)
     return directory
 
 
+# ---------------------------------------------------------------- prompt / prefix tuning
+
+
+def _prompt_modules(gm: nn.Module) -> dict[str, list[nn.Module]]:
+    from peftfx.kernels.prompt_modules import PrefixKV, ReparamPrefixKV, SoftPrompt
+
+    found: dict[str, list[nn.Module]] = {"prompt": [], "prefix": []}
+    for m in gm.modules():
+        if isinstance(m, SoftPrompt):
+            found["prompt"].append(m)
+        elif isinstance(m, (PrefixKV, ReparamPrefixKV)):
+            found["prefix"].append(m)
+    return found
+
+
 def _methods(gm: nn.Module) -> set[str]:
-    found = {"lora"} if _lora_layers(gm) else set()
-    try:
-        from peftfx.peft_prompt import prompt_methods
-    except ImportError:
-        return found
-    return found | prompt_methods(gm)
+    found = {k for k, v in _prompt_modules(gm).items() if v}
+    return found | ({"lora"} if _lora_layers(gm) else set())
+
+
+def _default_task(root: tuple[str, str] | None) -> str:
+    # prompt learning needs a task-specific PeftModel (a plain PeftModel would not prepend anything)
+    if root is not None and root[0].endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    raise CheckpointError(f"pass task_type= for prompt/prefix export of {root[0] if root else 'this model'} "
+                          f"(e.g. 'CAUSAL_LM', 'SEQ_CLS'): PEFT picks the model wrapper from it")
+
+
+def _attention_shape(gm: nn.Module) -> tuple[int, int | None]:
+    """(number of SDPA calls, query heads) read off the graph, as PEFT reads them off the config."""
+    sdpa = [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    q = sdpa[0].args[0].meta.get("val") if sdpa else None
+    return len(sdpa), (int(q.shape[1]) if isinstance(q, Tensor) else None)
+
+
+def _export_prompt(gm: nn.Module, method: str) -> tuple[str, dict, dict[str, Tensor]]:
+    if method == "prompt":
+        (sp,) = _prompt_modules(gm)["prompt"]
+        tokens, hidden = sp.prompt_embeddings.shape
+        layers, heads = _attention_shape(gm)
+        fields = {"num_virtual_tokens": tokens, "token_dim": hidden, "num_transformer_submodules": 1,
+                  "num_attention_heads": heads, "num_layers": layers}
+        return "PROMPT_TUNING", fields, {"prompt_embeddings": sp.prompt_embeddings}
+    from peftfx.passes.prefix_tuning import prefix_prompt_embeddings
+
+    mods = _prompt_modules(gm)["prefix"]
+    table = prefix_prompt_embeddings(gm)  # folded through the reparametrization MLP when present
+    n_kv, d = mods[0].n_kv_heads, mods[0].head_dim
+    fields = {"num_virtual_tokens": table.shape[0], "num_layers": len(mods), "num_attention_heads": n_kv,
+              "token_dim": n_kv * d, "encoder_hidden_size": n_kv * d, "num_transformer_submodules": 1,
+              "prefix_projection": False}
+    return "PREFIX_TUNING", fields, {"prompt_embeddings": table}
+
+
+def _prompt_plan(gm: nn.Module, cfg: dict, tensors: dict[str, Tensor], where: Path) -> list:
+    """Check a PEFT prompt/prefix adapter against gm; ``[(param, tensor)]`` or a deferred loader."""
+    method = "prompt" if cfg["peft_type"] == "PROMPT_TUNING" else "prefix"
+    if method not in _methods(gm):
+        raise CheckpointError(f"{where}: a {cfg['peft_type']} adapter needs a module compiled with a "
+                              f"'{method}' plan section (tokens = {cfg.get('num_virtual_tokens')})")
+    if set(tensors) != {"prompt_embeddings"}:
+        raise CheckpointError(f"{where}: expected exactly ['prompt_embeddings'], found {sorted(tensors)}")
+    t = tensors["prompt_embeddings"]
+    if method == "prompt":
+        (sp,) = _prompt_modules(gm)["prompt"]
+        want, target = sp.prompt_embeddings.shape, sp.prompt_embeddings
+    else:
+        from peftfx.passes.prefix_tuning import prefix_prompt_embeddings
+
+        want, target = prefix_prompt_embeddings(gm).shape, None
+    if t.shape != want or not t.dtype.is_floating_point:
+        raise CheckpointError(f"{where}: prompt_embeddings is {t.dtype} {list(t.shape)}, this module expects "
+                              f"{list(want)} ({method} tuning with num_virtual_tokens={want[0]})")
+    if target is not None:
+        return [(target, t)]
+    return [(None, lambda: _load_prefix(gm, t))]
+
+
+def _load_prefix(gm: nn.Module, table: Tensor) -> None:
+    from peftfx.passes.prefix_tuning import load_prefix_prompt_embeddings
+
+    load_prefix_prompt_embeddings(gm, table)
 
 
 # ---------------------------------------------------------------- import
@@ -288,13 +365,14 @@ def import_peft(gm: nn.Module, directory: str | os.PathLike) -> dict:
     if peft_type == "LORA":
         pairs = _lora_plan(gm, cfg, tensors, directory)
     elif peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        from peftfx.peft_prompt import import_prompt_plan
-
-        pairs = import_prompt_plan(gm, cfg, tensors, directory)
+        pairs = _prompt_plan(gm, cfg, tensors, directory)
     else:
         raise CheckpointError(f"{directory}: peft_type {peft_type!r} is not supported "
                               f"(LORA, PROMPT_TUNING, PREFIX_TUNING)")
     with torch.no_grad():
         for param, src in pairs:
-            param.copy_(src)
+            if param is None:
+                src()  # prefix tensors: loaded through the pass's own layout helper
+            else:
+                param.copy_(src)
     return cfg

@@ -14,7 +14,7 @@ from peftfx.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
 from peftfx.peft_io import CONFIG_NAME, WEIGHTS_NAME, _write_config, lora_config_fields
 from tests.model_zoo import make_case
-from tests.rewriter.travel_cases import fresh
+from tests.rewriter.travel_cases import PROMPT_TOKENS, fresh
 
 peft = pytest.importorskip("peft")
 
@@ -158,3 +158,44 @@ def test_export_needs_adapters(tmp_path):
     merged = peftfx.merge(fresh("llama", "nf4")[0])  # no LoRA layer left
     with pytest.raises(CheckpointError, match="nothing to export"):
         peftfx.export_peft(merged, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_and_prefix_tuning_round_trip_with_peft(tmp_path, name, kind):
+    gm, case = fresh(name, kind)
+    cfg_cls = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
+    # PEFT's prompt-tuning logits include the P virtual positions; ours are sliced back to S
+    cut = PROMPT_TOKENS if kind == "prompt" else 0
+
+    peftfx.export_peft(gm, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(make_case(name).model, tmp_path / "ours").eval()
+    ours = _logits(gm, case)
+    assert _max_diff(ours, _logits(make_case(name).model, case)) > 1e-3  # the adapter matters
+    assert _max_diff(ours, _logits(theirs, case)[:, cut:]) <= 1e-5
+
+    trained = peft.get_peft_model(make_case(name).model, cfg_cls(task_type="CAUSAL_LM",
+                                                                  num_virtual_tokens=PROMPT_TOKENS))
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    trained.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "ours" / CONFIG_NAME).read_text()) == \
+        json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    peftfx.import_peft(gm, tmp_path / "peft")
+    assert _max_diff(_logits(gm, case), _logits(trained.eval(), case)[:, cut:]) <= 1e-5
+
+
+def test_prompt_import_refuses_wrong_length(tmp_path):
+    gm, _ = fresh("llama", "prefix")
+    before = {k: v.clone() for k, v in peftfx.trainable_parameters(gm).items()}
+    trained = peft.get_peft_model(make_case("llama").model, peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS + 2))
+    trained.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"expects \[3, 128\] \(prefix tuning with num_virtual_tokens=3\)"):
+        peftfx.import_peft(gm, tmp_path)
+    assert all(torch.equal(peftfx.trainable_parameters(gm)[k], v) for k, v in before.items())
+    lora_gm, _ = fresh("llama", "none")
+    with pytest.raises(CheckpointError, match="needs a module compiled with a 'prefix' plan section"):
+        peftfx.import_peft(lora_gm, tmp_path)

@@ -13,10 +13,16 @@ import torch
 import peftfx
 from tests.model_zoo import make_case
 
-__all__ = ["compiled", "fresh", "plan_for", "randomize", "same_bytes"]
+__all__ = ["compiled", "fresh", "plan_for", "randomize", "same_bytes", "PROMPT_TOKENS"]
+
+
+PROMPT_TOKENS = 3
 
 
 def plan_for(name: str, fmt: str) -> dict:
+    """LoRA r=4 on attention with base ``fmt`` ("none" | "nf4"), or "prompt" / "prefix" tuning."""
+    if fmt in ("prompt", "prefix"):
+        return {fmt: {"tokens": PROMPT_TOKENS}}
     targets = make_case(name).attn_targets
     plan = {"targets": targets, "lora": {"r": 4, "alpha": 8}}
     if fmt != "none":
@@ -26,7 +32,7 @@ def plan_for(name: str, fmt: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def compiled(name: str, fmt: str):
-    """``(gm, case)`` for a tiny ``name`` model with LoRA r=4 on its attention targets (cached)."""
+    """``(gm, case)`` for a tiny ``name`` model compiled with :func:`plan_for` (cached)."""
     case = make_case(name)
     gm = peftfx.compile(case.model, plan_for(name, fmt), example_inputs=case.inputs)
     return gm, case
