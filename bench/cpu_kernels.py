@@ -1,0 +1,132 @@
+"""NF4 kernels on CPU, one thread: peftfx's reference path vs bitsandbytes, torchao and dense fp32.
+
+Rows (weight ``[size, size]``, NF4, block 64, double quantization on every side):
+
+* dequantize to fp32 and to bf16 (throughput, M elements/s; ratio = peftfx / bitsandbytes);
+* quantize (throughput; ratio = peftfx / bitsandbytes);
+* decode-shaped forward ``y = x @ deq(W).T`` for M = 1..8 (time; ratio = contender / dense ``F.linear``).
+
+All contenders of a row run interleaved in the same process (see :mod:`bench.common`); medians of
+``--reps`` rounds. Prints the tables, writes the ``cpu_kernels`` section of ``bench/RESULTS.md`` and
+``bench/cpu_kernels.png``.
+
+    python -m bench.cpu_kernels [--size 4096] [--reps 5] [--decode-m 1 2 4 8]
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import RESULTS, bar_plot, interleaved, machine_markdown, markdown_table, write_section
+
+__all__ = ["main", "run"]
+
+
+def _contenders(w: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
+    """Per row: contender name -> zero-argument callable."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    from peftfx.kernels import ops, reference
+
+    qw = reference.quantize(w, "nf4", block_size=64, double_quant=True)
+    q, st = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    q16, st16 = bnbF.quantize_4bit(w.bfloat16(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    rows: dict[str, dict[str, Callable[[], object]]] = {
+        "dequantize fp32": {"peftfx": lambda: ops.dequantize(qw, torch.float32),
+                            "bitsandbytes": lambda: bnbF.dequantize_4bit(q, st)},
+        "dequantize bf16": {"peftfx": lambda: ops.dequantize(qw, torch.bfloat16),
+                            "bitsandbytes": lambda: bnbF.dequantize_4bit(q16, st16)},
+        "quantize": {"peftfx": lambda: reference.quantize(w, "nf4", block_size=64, double_quant=True),
+                     "bitsandbytes": lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                                compress_statistics=True)},
+    }
+    nf4 = None
+    try:
+        from torchao.quantization import to_nf4
+
+        nf4 = to_nf4(w, 64, 256)
+        rows["dequantize fp32"]["torchao"] = nf4.get_original_weight
+        rows["quantize"]["torchao"] = lambda: to_nf4(w, 64, 256)
+    except Exception as e:  # torchao missing or broken: the other rows still run
+        warnings.warn(f"torchao NF4 unavailable: {e}")
+    rows["_decode"] = {"qw": qw, "q": q, "st": st, "nf4": nf4, "bnb": bnb, "ops": ops}  # type: ignore[dict-item]
+    return rows
+
+
+def run(size: int = 4096, reps: int = 5, decode_m: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, list[tuple]]:
+    """Measure every row; returns ``{"throughput": rows, "decode": rows}`` as table tuples."""
+    torch.manual_seed(0)
+    w = torch.randn(size, size)
+    c = _contenders(w)
+    dec = c.pop("_decode")
+    n = w.numel()
+    throughput = []
+    for row, fns in c.items():
+        t = interleaved(fns, reps=reps)
+        for name, sec in t.items():
+            throughput.append((row, name, sec * 1e3, n / sec / 1e6, t["bitsandbytes"] / sec))
+    decode = []
+    ops, bnb, qw, q, st, nf4 = dec["ops"], dec["bnb"], dec["qw"], dec["q"], dec["st"], dec["nf4"]
+    for m in decode_m:
+        x = torch.randn(m, size)
+        fns = {"dense fp32 F.linear": lambda: F.linear(x, w),
+               "peftfx": lambda: ops.qlora_linear(x, qw, None, None, None, 0.0),
+               "bitsandbytes": lambda: bnb.matmul_4bit(x, q.t(), st)}
+        if nf4 is not None:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+            fns["torchao"] = lambda: linear_nf4(x, nf4)
+        with torch.no_grad():
+            t = interleaved(fns, reps=reps)
+        dense = t["dense fp32 F.linear"]
+        decode += [(m, name, sec * 1e3, sec / dense) for name, sec in t.items()]
+    return {"throughput": throughput, "decode": decode}
+
+
+def report(res: dict[str, list[tuple]], size: int, reps: int, out: Path = RESULTS,
+           plot: Path | None = None) -> str:
+    """Markdown for the results (also written into ``out``'s ``cpu_kernels`` section, and a PNG)."""
+    tp = markdown_table(["operation", "contender", "ms (median)", "M elem/s", "speed vs bitsandbytes"],
+                        res["throughput"])
+    dc = markdown_table(["M", "contender", "ms (median)", "time / dense fp32"], res["decode"])
+    body = (f"## cpu_kernels: NF4 dequantize / quantize / decode forward ({size}x{size}, block 64, double quant)\n\n"
+            f"{machine_markdown()}\nMedian of {reps} interleaved rounds, one thread.\n\n"
+            f"Throughput (targets: dequantize >= 1.0x bitsandbytes, quantize >= 2x):\n\n{tp}\n\n"
+            f"Decode-shaped forward `x[M, {size}] @ deq(W).T` (target: peftfx <= 2x dense fp32, stretch <= 1x):"
+            f"\n\n{dc}\n")
+    if plot is not None:
+        labels = [f"{r[0]} ({r[1]})" for r in res["throughput"] if r[1] != "bitsandbytes"]
+        vals = [r[4] for r in res["throughput"] if r[1] != "bitsandbytes"]
+        labels += [f"decode M={r[0]} ({r[1]}) dense/t" for r in res["decode"] if r[1] == "peftfx"]
+        vals += [1.0 / r[3] for r in res["decode"] if r[1] == "peftfx"]
+        bar_plot(plot, f"NF4 kernels, {size}x{size}, 1 thread: speed ratio (higher is better)", labels, vals,
+                 target=1.0, xlabel="speed ratio (vs bitsandbytes; decode: vs dense fp32)")
+        body += f"\n![cpu_kernels]({plot.name})\n"
+    write_section("cpu_kernels", body, out)
+    return body
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--decode-m", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown file whose cpu_kernels section is written")
+    ap.add_argument("--plot", type=Path, default=RESULTS.with_name("cpu_kernels.png"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    res = run(a.size, a.reps, tuple(a.decode_m))
+    body = report(res, a.size, a.reps, a.out, a.plot)
+    print(body)
+    return body
+
+
+if __name__ == "__main__":
+    main()
