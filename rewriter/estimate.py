@@ -169,14 +169,25 @@ def _fake_twin(model: nn.Module, mode, dtype: torch.dtype | None) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are fake (no storage is copied)."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
-        f = mode.from_tensor(p.detach())
-        if dtype is not None and f.is_floating_point():
-            with mode:
-                f = f.to(dtype)
-        memo[id(p)] = nn.Parameter(f, requires_grad=p.requires_grad)
+        cast = dtype if dtype is not None and p.is_floating_point() else None
+        memo[id(p)] = nn.Parameter(_fake_like(mode, p, cast), requires_grad=p.requires_grad)
     for b in model.buffers():
-        memo[id(b)] = mode.from_tensor(b)
+        memo[id(b)] = _fake_like(mode, b)
     return copy.deepcopy(model, memo)
+
+
+def _fake_like(mode, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fake CPU tensor shaped like ``t`` (which may be on meta or cpu).
+
+    CPU rather than meta, so that dispatch picks the kernels training would run: on meta,
+    ``scaled_dot_product_attention`` falls back to the math path that saves the ``[B*H, S, S]``
+    attention weights, while CPU (and CUDA) use a flash kernel that saves only the output and
+    its log-sum-exp.
+    """
+    with mode:
+        if dtype is not None and dtype != t.dtype:
+            return torch.empty(t.shape, dtype=dtype, device="cpu")
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -505,7 +516,7 @@ def estimate(model: nn.Module, plan: Any = None, *, example_inputs: Any = None, 
         else:
             for p in twin.parameters():
                 p.requires_grad_(p.is_floating_point())
-        fake_inputs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, example_inputs)
+        fake_inputs = tree_map(lambda t: _fake_like(mode, t) if isinstance(t, torch.Tensor) else t, example_inputs)
         results.append(_measure(twin, fake_inputs, mode, optimizer, train_device))
         del twin
     flat = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
@@ -524,12 +535,23 @@ def measure_peak(step: Callable[[], None], *, resident: int = 0) -> int:
     ``torch.profiler.profile(profile_memory=True)`` records each CPU allocator allocation and free
     as a ``[memory]`` event with a signed byte count; their running sum in time order is the
     memory allocated since the profiler started, and its maximum the peak of ``step``. Pass the
-    bytes already alive (parameters, buffers, inputs, optimizer state) as ``resident``.
+    bytes already alive (parameters, buffers, inputs, optimizer state) as ``resident``. The cyclic
+    garbage collector is run before and paused during ``step`` so that freeing unrelated garbage
+    does not offset the count.
     """
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    # Garbage from earlier work freed by a cyclic collection mid-step would read as negative
+    # allocations and hide part of the peak: collect first, and keep the collector off meanwhile.
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        gc.enable()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     live = peak = 0
