@@ -126,7 +126,8 @@ def from_bnb(state: Mapping[str, Tensor], *, prefix: str = "") -> tuple[Quantize
                                           block_size2=int(info.get("nested_blocksize", 256)), dtype=dtype,
                                           name=prefix.rstrip(".") or None)
     except (KernelError, KeyError, AttributeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{prefix or 'layer'}: bitsandbytes state does not describe a valid {fmt} weight: {e}") from None
+        raise CheckpointError(f"{prefix or 'layer'}: bitsandbytes state does not describe a valid {fmt} "
+                              f"weight: {e}") from None
     bias = state.get(f"{prefix}bias")
     return qw, (bias.clone() if bias is not None else None)
 

@@ -146,7 +146,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
 
 def _meta_json(meta: Mapping[str, str], key: str, path: Path) -> Any:
     if key not in meta:
-        raise CheckpointError(f"{path}: metadata {key!r} missing: not written by peftfx (use import_peft for PEFT files)")
+        raise CheckpointError(f"{path}: metadata {key!r} missing: not written by peftfx "
+                              f"(use import_peft for PEFT files)")
     try:
         return json.loads(meta[key])
     except json.JSONDecodeError as e:
@@ -238,7 +239,8 @@ def save_adapters(gm: nn.Module, directory: str | os.PathLike) -> Path:
 
     params = trainable_parameters(gm)
     if not params:
-        raise CheckpointError("the module has no trainable parameters to save (was it compiled with lora/prefix/prompt?)")
+        raise CheckpointError("the module has no trainable parameters to save "
+                              "(was it compiled with lora/prefix/prompt?)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ADAPTER_FILE

@@ -114,7 +114,8 @@ def test_missing_and_extra_keys_are_listed(saved):
 def test_wrong_shape(saved):
     _, _, d, dst, snap = saved
     _rewrite(d / ADAPTER_FILE, lambda t, m: t.update({f"{Q1}.lora_B": torch.zeros(64, 8)}))
-    with pytest.raises(CheckpointError, match=rf"{Q1}.lora_B: file torch.float32 \[64, 8\] vs model torch.float32 \[64, 4\]"):
+    msg = rf"{Q1}.lora_B: file torch.float32 \[64, 8\] vs model torch.float32 \[64, 4\]"
+    with pytest.raises(CheckpointError, match=msg):
         peftfx.load_adapters(dst, d)
     assert _unchanged(dst, snap)
 

@@ -30,6 +30,7 @@ def _peft_base(name: str, gm):
         if m.format != "none":
             pytest.importorskip("bitsandbytes")
             base.set_submodule(fqn, to_linear4bit(m))
+            base.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: PEFT dispatches its bnb LoRA
     return base
 
 
@@ -48,10 +49,10 @@ def test_export_loads_in_peft_with_same_logits(tmp_path, name, fmt, atol):
     peftfx.export_peft(gm, tmp_path)
     base = _peft_base(name, gm)
     model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
-    if fmt == "nf4":  # PEFT really runs over bitsandbytes' 4-bit layer
-        import bitsandbytes as bnb
+    if fmt == "nf4":  # PEFT really runs its bitsandbytes LoRA layer over bnb's 4-bit base
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        assert sum(isinstance(m, PeftLinear4bit) for m in model.modules()) == len(qlora_modules(gm))
     ours, theirs = _logits(gm, case), _logits(model, case)
     assert _max_diff(ours, _logits(_peft_base(name, gm), case)) > 1e-3  # LoRA really changes the output
     assert _max_diff(ours, theirs) <= atol
@@ -141,8 +142,8 @@ def test_import_refuses_mismatches_and_changes_nothing(tmp_path):
 
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
-    save_file({k: v for k, v in tensors.items() if k != key} | {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)},
-              tmp_path / WEIGHTS_NAME)
+    extra = {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}
+    save_file({k: v for k, v in tensors.items() if k != key} | extra, tmp_path / WEIGHTS_NAME)
     with pytest.raises(CheckpointError, match=r"missing \[.*v_proj.lora_B.weight'\].*unexpected \[.*lm_head"):
         peftfx.import_peft(other, tmp_path)
     save_file(tensors | {key: torch.zeros(32, 2)}, tmp_path / WEIGHTS_NAME)
