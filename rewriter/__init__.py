@@ -22,15 +22,15 @@ _LAZY = {
     "PrefixTuningSpec": "peftfx.plan",
     "PromptTuningSpec": "peftfx.plan",
     "AdapterSpec": "peftfx.plan",
-    # adapters that travel (checkpoint.py, peft_io.py, merge.py)
+    # adapters that travel (checkpoint.py, peft_io.py, merging.py)
     "save_adapters": "peftfx.checkpoint",
     "load_adapters": "peftfx.checkpoint",
     "save_model": "peftfx.checkpoint",
     "load_model": "peftfx.checkpoint",
     "export_peft": "peftfx.peft_io",
     "import_peft": "peftfx.peft_io",
-    "merge": "peftfx.merge",
-    "unmerge": "peftfx.merge",
+    "merge": "peftfx.merging",
+    "unmerge": "peftfx.merging",
     # one base, many adapters (multi.py)
     "compile_multi": "peftfx.multi",
     "adapter_index": "peftfx.multi",

@@ -16,8 +16,6 @@ not foldable and stay as they are.
 from __future__ import annotations
 
 import copy
-import sys
-import types
 from typing import Any
 
 import torch
@@ -152,14 +150,3 @@ def merge_report(gm: nn.Module) -> list[dict[str, Any]]:
     merge: what re-quantization added. Dense merges record 0.
     """
     return list(getattr(gm, "meta", {}).get(MERGE_REPORT_KEY, []))
-
-
-class _CallableModule(types.ModuleType):
-    """``peftfx.merge`` names both this module and the function: importing the submodule makes the
-    package attribute the module, so the module forwards calls to :func:`merge`."""
-
-    def __call__(self, gm: GraphModule, *, into: str = "dense") -> GraphModule:
-        return merge(gm, into=into)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -10,7 +10,7 @@ import peftfx
 from peftfx.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
 from peftfx.kernels import reference
-from peftfx.merge import merge_report, merged_weight
+from peftfx.merging import merge_report, merged_weight
 from tests.rewriter.travel_cases import fresh, same_bytes
 
 
