@@ -140,6 +140,8 @@ def prompt_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
     if any(n.op == "call_module" and isinstance(get_attr_value(gm, n.target), SoftPrompt) for n in graph.nodes):
         return PassResult(gm, False)  # already rewritten
     sources = set(_id_placeholders(gm, ctx))
+    ex = ctx.example_inputs if isinstance(ctx.example_inputs, dict) else {}
+    aliased_labels = ex.get("labels") is not None and ex.get("labels") is ex.get("input_ids")
     embeddings = [n for n in graph.nodes if n.op == "call_function" and n.target == aten.embedding.default]
     paths = [(e, p) for e in embeddings if (p := _index_path(e, sources)) is not None]
     if not paths:
@@ -183,8 +185,9 @@ def prompt_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
         val = _val(ph)
         if not isinstance(val, torch.Tensor) or ph in sources:
             continue
-        if ph.name == "labels":
-            dims = [1] if val.dim() >= 2 and not _feeds_embedding(ph) else []
+        if ph.name == "labels":  # token labels [B, S] of a decoder-only model (a decoder's labels feed its ids)
+            token_labels = val.dim() >= 2 and isinstance(val.shape[1], torch.SymInt)
+            dims = [1] if token_labels and not _feeds_embedding(ph) else []
         else:
             dims = [d for d, size in enumerate(val.shape) if _expr(size) == s_expr]
         # export's _guards_fn checks the caller's inputs: it keeps the originals
@@ -201,9 +204,12 @@ def prompt_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
             u.replace_input_with(ph, padded)
         lengthened[ph.name] = fill
         padded_dims.add((ph, dims[0]))
-    for ph in sources:  # an input merged with input_ids that also serves as labels
+    for ph in sources:
         users = [u for u in ph.users if u not in keep and u.target != aten.sym_size.int and u.op != "call_module"]
-        if users:
+        if users and not aliased_labels:
+            raise RewriteError(f"input {ph.name!r} feeds {users[0].name} besides the token embedding; prompt tuning "
+                               "cannot lengthen token ids (compute that from attention_mask instead)")
+        if users:  # export merged labels into input_ids (the same tensor object): those uses are the labels
             padded = _pad_front(graph, ph, 1, tokens, -100)
             for u in users:
                 u.replace_input_with(ph, padded)

@@ -128,6 +128,7 @@ def test_combines_with_nf4_lora_and_prefix():
     with torch.no_grad():
         want = case.model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True).logits[:, P:]
         got = gm(**inputs).logits
+    # the NF4 kernel may sum in another order than F.linear on deq(W) (row chunks): fp32 rounding only
     assert (got - want).abs().max().item() <= 1e-4
     gm(**inputs).loss.backward()
     assert all(p.grad is not None for p in peftfx.trainable_parameters(gm).values())
