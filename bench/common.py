@@ -90,14 +90,14 @@ def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, warmup: 
 def _storages(tensors: Iterable[torch.Tensor]) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-            try:
-                st = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
-                inner = [getattr(t, a) for a in getattr(t, "__tensor_flatten__", lambda: ([], None))()[0]]
-                seen.setdefault(id(t), _storages(inner))
-                continue
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+            continue
+        try:
+            st = t.untyped_storage()
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # wrapper subclasses (torchao NF4): count inner tensors
+            names = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []
+            seen[-id(t)] = _storages([getattr(t, a) for a in names])
     return sum(seen.values())
 
 

@@ -1,0 +1,49 @@
+"""Tiny-size smoke run of ``bench.cpu_kernels`` and ``bench.cpu_train``: they run and emit their tables.
+
+No timing assertions (the machine is shared); the real runs are ``make bench``.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from bench import cpu_kernels, cpu_train  # noqa: E402
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")]
+
+
+def test_cpu_kernels_smoke(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
+    body = cpu_kernels.main(["--size", "256", "--reps", "1", "--decode-m", "1", "--out", str(out),
+                             "--plot", str(tmp_path / "k.png")])
+    rows = {(r[0], r[1]) for r in _table_rows(body)}
+    for op in ("dequantize fp32", "dequantize bf16", "quantize"):
+        assert {(op, "peftfx"), (op, "bitsandbytes")} <= rows
+    assert {("1", "peftfx"), ("1", "bitsandbytes"), ("1", "dense fp32 F.linear")} <= rows
+    text = out.read_text()
+    assert "keep me" in text and "<!-- cpu_kernels:start -->" in text and "Machine: cpu:" in text
+    assert (tmp_path / "k.png").stat().st_size > 0
+    cpu_kernels.main(["--size", "128", "--reps", "1", "--decode-m", "1", "--out", str(out), "--plot",
+                      str(tmp_path / "k.png")])  # a rerun replaces its section instead of appending
+    assert out.read_text().count("<!-- cpu_kernels:start -->") == 1
+
+
+def test_cpu_train_smoke(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    body = cpu_train.main(["--hidden", "64", "--layers", "1", "--vocab", "128", "--batch", "1", "--seq", "8",
+                           "--reps", "1", "--compile-reps", "1", "--no-torchao", "--out", str(out),
+                           "--plot", str(tmp_path / "t.png")])
+    rows = {r[0]: r for r in _table_rows(body)}
+    for name in ("dense LoRA (peft) qv", "peft+bnb qv", "peftfx qv", "peft+bnb all", "peftfx all",
+                 "peftfx.compile qv", "peftfx.compile all"):
+        assert name in rows, name
+    assert float(rows["peft+bnb qv"][3]) == 1.0 and float(rows["peft+bnb all"][5]) == 1.0
+    assert all(float(rows[k][4]) > 0 for k in ("peftfx qv", "peftfx all"))  # peak MiB measured
+    assert (tmp_path / "t.png").stat().st_size > 0
