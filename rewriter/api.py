@@ -34,6 +34,7 @@ def compile(  # noqa: A001 - the public verb
     example_inputs: Any = None,
     release_source_weights: bool = True,
     snapshots: bool = True,
+    tokenizer: Any = None,
 ) -> GraphModule:
     """Compile ``model`` and ``plan`` into a trainable GraphModule.
 
@@ -46,6 +47,8 @@ def compile(  # noqa: A001 - the public verb
             and sequence dims are made dynamic, so use batch >= 2 and sequence >= 2.
         release_source_weights: free each quantized layer's full-precision weight as it goes.
         snapshots: keep the graph code before/after every pass for ``peftfx inspect``.
+        tokenizer: turns ``prompt.init_text`` into token ids for prompt-tuning init (a plan
+            cannot hold a tokenizer).
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
@@ -67,7 +70,7 @@ def compile(  # noqa: A001 - the public verb
         plan=plan,
         model=model,
         example_inputs=example_inputs,
-        options={"release_source_weights": release_source_weights},
+        options={"release_source_weights": release_source_weights, "tokenizer": tokenizer},
     )
     gm, records = run_passes(gm, ctx, snapshots=snapshots)
     return emit(gm, training=training, plan=plan, records=records)

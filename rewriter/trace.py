@@ -67,6 +67,25 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     )
 
 
+def _unalias(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Clone example tensors passed twice (``labels=input_ids``).
+
+    export turns one tensor object into one graph input, so two arguments that alias in the
+    example would be read from the same placeholder forever after: later calls with different
+    labels would silently train on the input ids.
+    """
+    seen: set[int] = set()
+
+    def fresh(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if id(v) in seen:
+                return v.clone()
+            seen.add(id(v))
+        return v
+
+    return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
+
+
 def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Mark batch and sequence dims (dims 0 and 1) of every tensor input ``Dim.AUTO``.
 
@@ -137,7 +156,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"peftfx.compile takes an nn.Module, got {type(model).__name__}")
-    args, kwargs = normalize_inputs(example_inputs)
+    args, kwargs = _unalias(*normalize_inputs(example_inputs))
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
     # export matches dynamic_shapes to inputs in call order: positional args, then kwargs
     dynamic_shapes: Any = dyn_kwargs if not args else tuple(dyn_args) + tuple(dyn_kwargs.values())

@@ -164,3 +164,20 @@ def test_call_with_other_arguments_than_compiled_for_is_a_clear_error():
     inputs = {k: v for k, v in case.inputs.items() if k != "labels"}
     with pytest.raises(peftfx.TraceError, match="labels"):
         gm(**inputs)
+
+
+def test_aliased_example_inputs_stay_separate_graph_inputs():
+    """labels=input_ids in the example must not tie the two inputs together forever."""
+    from tests.model_zoo import make_case
+
+    case = make_case("llama")
+    inputs = {"input_ids": case.inputs["input_ids"], "attention_mask": case.inputs["attention_mask"]}
+    inputs["labels"] = inputs["input_ids"]  # the same tensor object
+    ref = copy.deepcopy(case.model)
+    gm = peftfx.compile(case.model, {"targets": ["q_proj"], "lora": {}}, example_inputs=inputs)
+    other_labels = torch.randint(3, 96, inputs["input_ids"].shape)
+    gm.eval()
+    with torch.no_grad():
+        got = gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=other_labels)
+        want = ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=other_labels)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=0)
