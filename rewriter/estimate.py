@@ -376,6 +376,25 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _weights_by_kind(twin: nn.Module, params: list, buffers: list) -> dict[str, int]:
+    """Bytes of parameters and buffers by kind: dtype (trainable), ``frozen <dtype>``, ``lora (<dtype>)``,
+    a quantized format (packed codes + scales), or ``buffers`` (rotary tables and the like)."""
+    dtype = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+    kinds: dict[int, str] = {}
+    for m in twin.modules():
+        if hasattr(m, "quantized_weight") and hasattr(m, "format"):  # QLoRALinear: weight buffers
+            for name, b in m.named_buffers(recurse=False):
+                kinds[id(b)] = f"frozen {dtype(b)}" if m.format == "none" or name == "bias" else m.format
+    for name, p in twin.named_parameters():
+        lora = name.rsplit(".", 1)[-1].startswith("lora_")
+        kinds[id(p)] = f"lora ({dtype(p)})" if lora else dtype(p) if p.requires_grad else f"frozen {dtype(p)}"
+    out: dict[str, int] = {}
+    for t in params + buffers:
+        kind = kinds.get(id(t), "buffers")
+        out[kind] = out.get(kind, 0) + _nbytes(t)
+    return out
+
+
 def _measure(twin: nn.Module, inputs: Any, mode, optimizer: str, train_device: str) -> Breakdown:
     params = _unique(twin.parameters())
     buffers = _unique(twin.buffers())
@@ -399,25 +418,7 @@ def _measure(twin: nn.Module, inputs: Any, mode, optimizer: str, train_device: s
         del out, loss
         for p in params:
             p.grad = None
-    weights: dict[str, int] = {}
-    qlora_owned = {}
-    for mname, m in twin.named_modules():
-        if type(m).__name__ in ("QLoRALinear", "LoRALinear"):
-            for b in m.buffers(recurse=False):
-                if b is not getattr(m, "bias", None):
-                    qlora_owned[id(b)] = "frozen " + str(m.weight.dtype).removeprefix("torch.") \
-                        if m.format == "none" else m.format
-    lora_ids = {id(p) for n, p in twin.named_parameters() if n.rsplit(".", 1)[-1].startswith("lora_")}
-    for t in params:
-        kind = str(t.dtype).removeprefix("torch.")
-        if id(t) in lora_ids:
-            kind = f"lora ({kind})"
-        elif not t.requires_grad:
-            kind = f"frozen {kind}"
-        weights[kind] = weights.get(kind, 0) + _nbytes(t)
-    for t in buffers:
-        kind = qlora_owned.get(id(t), "buffers")
-        weights[kind] = weights.get(kind, 0) + _nbytes(t)
+    weights = _weights_by_kind(twin, params, buffers)
     trainable = [p for p in params if p.requires_grad]
     grads = sum(_nbytes(p) for p in trainable)
     state, transient = _optimizer_bytes(trainable, optimizer, train_device)
