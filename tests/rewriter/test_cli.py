@@ -163,3 +163,19 @@ def test_usage_errors_exit_2_in_process(files, capsys):
     assert main(["estimate", "tests.rewriter.test_cli:make_mlp", "--plan", plan, "--batch", "0"]) == 2
     assert main(["inspect", "tests.rewriter.test_cli:make_mlp", "--plan", plan, "--pass", "nope"]) == 2
     assert "did not run" in capsys.readouterr().err
+
+
+def test_load_model_from_a_local_hf_folder(files, tmp_path):
+    import transformers
+
+    from peftfx.cli import load_model
+
+    config = transformers.AutoConfig.for_model(**TINY_LLAMA)
+    torch.manual_seed(0)
+    saved = transformers.LlamaForCausalLM(config)
+    saved.save_pretrained(tmp_path)
+    model, inputs, name = load_model(str(tmp_path), device="cpu", batch=3, seq=5)
+    assert name == "LlamaForCausalLM" and inputs["input_ids"].shape == (3, 5) and "labels" in inputs
+    assert torch.equal(model.model.embed_tokens.weight, saved.model.embed_tokens.weight)  # weights loaded
+    meta, meta_inputs, _ = load_model(str(tmp_path), device="meta")
+    assert next(meta.parameters()).is_meta and meta_inputs["input_ids"].shape == (2, 8)
