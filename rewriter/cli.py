@@ -151,7 +151,7 @@ def load_model(spec: str, *, device: str = "cpu", batch: int | None = None, seq:
 
 def _cmd_inspect(args) -> int:
     import peftfx
-    from peftfx.report import build_report, pass_diff, render_report, write_graph
+    from peftfx.reporting import build_report, pass_diff, render_report, write_graph
 
     plan = _load_plan(args.plan)
     model, inputs, name = load_model(args.model, device="cpu", batch=args.batch, seq=args.seq)

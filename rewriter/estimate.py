@@ -340,7 +340,7 @@ class Estimate:
 
     def render(self) -> str:
         """A human-readable table."""
-        from peftfx.report import render_estimate
+        from peftfx.reporting import render_estimate
 
         return render_estimate(self)
 

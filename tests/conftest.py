@@ -4,6 +4,15 @@ from __future__ import annotations
 import os
 import random
 
+# Triton reads TRITON_INTERPRET when it is first imported, and any test module (or bitsandbytes)
+# may import it first: without a GPU, every Triton test runs in the interpreter, so set it here,
+# before anything else is imported. On a GPU machine the kernels run natively.
+if os.environ.get("TRITON_INTERPRET") is None:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 from hypothesis import settings

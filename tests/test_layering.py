@@ -44,3 +44,17 @@ def test_import_peftfx_kernels_stays_light():
     code = "import sys, peftfx.kernels.ops, peftfx.kernels.modules; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    """Importing peftfx.<x> sets the package attribute x to the module: no public name may be one."""
+    import importlib
+    import pkgutil
+
+    import peftfx
+
+    for info in pkgutil.iter_modules(peftfx.__path__):
+        importlib.import_module(f"peftfx.{info.name}")
+    for name in peftfx.__all__:
+        value = getattr(peftfx, name)
+        assert not isinstance(value, type(peftfx)), f"peftfx.{name} is a module, not the public object"
