@@ -1,8 +1,8 @@
 """``torch.library`` custom ops: ``peftfx::qlora_linear`` (+ its backward) and ``peftfx::dequantize``.
 
 FX, torch.export and torch.compile see each op as one opaque node (``register_fake`` gives shapes).
-The backward saves x (and x_lora), the LoRA factors and the *packed* weight, never deq(W): W is frozen,
-so dx recomputes deq(W) (in row chunks on the reference path).
+The backward saves x (only when the LoRA grads need it) or x_lora, the LoRA factors and the *packed*
+weight, never deq(W): W is frozen, so dx recomputes deq(W) (in row chunks on the reference path).
 
 Backend: ``backend_for(t)`` reads ``PEFTFX_KERNELS`` (``triton`` | ``reference``) on every call;
 unset, CUDA tensors go to Triton when it imports, everything else to :mod:`reference`. The Triton
@@ -144,7 +144,12 @@ def _(dy, x, packed, scales, scales2, offset, lora_A, lora_B, x_lora, scaling, f
 def _setup_context(ctx, inputs, output):
     (x, packed, scales, scales2, offset, bias, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
      out_features, in_features, threshold) = inputs
-    ctx.save_for_backward(x, packed, scales, scales2, offset, lora_A, lora_B, x_lora)
+    # dx = dy·deq(W) needs no x: only the LoRA grads read it, and only when x_lora is None. A
+    # frozen (quantize-only) layer therefore keeps a zero-stride stand-in that carries x's shape
+    # and dtype in one element, not the activation: what bitsandbytes' frozen 4-bit matmul saves.
+    needs_x = lora_A is not None and x_lora is None
+    x_saved = x if needs_x else torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
+    ctx.save_for_backward(x_saved, packed, scales, scales2, offset, lora_A, lora_B, x_lora)
     ctx.meta = (scaling, format, block_size, block_size2, out_features, in_features, threshold)
     ctx.has_bias = bias is not None
 

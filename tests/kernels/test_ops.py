@@ -180,3 +180,22 @@ def test_triton_backend_is_lazy(monkeypatch):
     if importlib.util.find_spec("peftfx.kernels.qlora_triton") is None:
         with pytest.raises(ImportError):
             ops.qlora_linear(x, _weight("nf4"), None, None, None, 0.0)
+
+
+def test_frozen_layer_does_not_keep_its_input_for_backward():
+    """Quantize-only layers need no x for dx = dy·deq(W): the saved stand-in holds one element."""
+    from peftfx.kernels import reference as ref
+    from peftfx.kernels.modules import QLoRALinear
+
+    torch.manual_seed(0)
+    layer = QLoRALinear(ref.quantize(torch.randn(32, 64), "nf4", double_quant=True), None, r=None, alpha=1.0)
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    stand_ins = [t for t in saved if t.shape == x.shape]
+    assert stand_ins, "the op should save a shape carrier for x"
+    assert all(t.untyped_storage().nbytes() <= 4 for t in stand_ins)
+    y.sum().backward()
+    want = torch.ones(8, 16, 32) @ ref.dequantize(layer.quantized_weight())
+    torch.testing.assert_close(x.grad, want, atol=1e-5, rtol=1e-5)
