@@ -91,20 +91,23 @@ def accuracy(gm, tok, data, max_len: int, batch: int = 64) -> float:
     return correct / len(data)
 
 
-def frozen_weight_bytes(gm) -> tuple[int, int]:
-    """(bytes the frozen base holds now, bytes the same weights take in fp32)."""
+def frozen_weight_bytes(gm) -> dict[str, int]:
+    """Bytes of the frozen base now and in fp32: quantized linears alone, and everything frozen."""
     from peftfx.kernels.modules import QLoRALinear
 
-    now = fp32 = 0
+    out = {"linear_now": 0, "linear_fp32": 0, "all_now": 0, "all_fp32": 0}
     for _, mod in gm.named_modules():
         if isinstance(mod, QLoRALinear):
-            now += sum(t.numel() * t.element_size() for t in mod.buffers())
-            fp32 += 4 * (mod.in_features * mod.out_features + (mod.out_features if mod.bias is not None else 0))
+            stored = sum(t.numel() * t.element_size() for t in mod.buffers())
+            dense = 4 * (mod.in_features * mod.out_features + (mod.out_features if mod.bias is not None else 0))
+            out["linear_now"] += stored
+            out["linear_fp32"] += dense
+    out["all_now"], out["all_fp32"] = out["linear_now"], out["linear_fp32"]
     for name, p in gm.named_parameters():
         if not p.requires_grad and ".lora_" not in name:
-            now += p.numel() * p.element_size()
-            fp32 += 4 * p.numel()
-    return now, fp32
+            out["all_now"] += p.numel() * p.element_size()
+            out["all_fp32"] += 4 * p.numel()
+    return out
 
 
 def main(argv=None) -> None:
@@ -112,7 +115,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", default="plans/minilm_nf4_lora.toml")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--train-per-class", type=int, default=200)
     ap.add_argument("--test-per-class", type=int, default=80)
     ap.add_argument("--max-len", type=int, default=32)
@@ -139,7 +142,7 @@ def main(argv=None) -> None:
     n_train = sum(p.numel() for p in trainable.values())
     n_all = n_train + sum(p.numel() for p in gm.parameters() if not p.requires_grad)
     n_all += sum(mod.in_features * mod.out_features for mod in gm.modules() if hasattr(mod, "dequantized_weight"))
-    now, fp32 = frozen_weight_bytes(gm)
+    mem = frozen_weight_bytes(gm)
     before = accuracy(gm, tok, test, args.max_len)
     print(f"accuracy before training: {before:.1%} (chance {1 / len(PLAYS):.1%})")
 
@@ -172,7 +175,10 @@ def main(argv=None) -> None:
     print()
     print(f"accuracy before -> after: {before:.1%} -> {after:.1%} on {len(test)} held-out speeches")
     print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
-    print(f"frozen weights: {now / 2**20:.1f} MiB vs {fp32 / 2**20:.1f} MiB in fp32 ({now / fp32:.1%})")
+    mib = {k: v / 2**20 for k, v in mem.items()}
+    print(f"frozen quantized linears: {mib['linear_now']:.1f} MiB vs {mib['linear_fp32']:.1f} MiB in fp32 "
+          f"({mem['linear_now'] / mem['linear_fp32']:.1%}); whole frozen base incl. fp32 embeddings: "
+          f"{mib['all_now']:.1f} MiB vs {mib['all_fp32']:.1f} MiB ({mem['all_now'] / mem['all_fp32']:.1%})")
     print(f"adapters saved to {out.resolve()}")
     print(f"total time {time.perf_counter() - start:.0f} s")
 
