@@ -23,30 +23,14 @@ Pieces:
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor, nn
 
 from peftfx.errors import KernelError
+from peftfx.kernels.ops import backend_for  # one backend switch for every op
 
 __all__ = ["multi_lora_ref", "multi_lora", "backend_for", "MultiLoRALinear"]
-
-
-def backend_for(t: Tensor) -> str:
-    """``"triton"`` or ``"reference"`` for tensor ``t`` (``PEFTFX_KERNELS`` forces either), as kernels/ops.py."""
-    forced = os.environ.get("PEFTFX_KERNELS", "").strip().lower()
-    if forced in ("triton", "reference"):
-        return forced
-    if forced:
-        raise KernelError(f"PEFTFX_KERNELS={forced!r}; expected 'triton' or 'reference'")
-    if t.device.type != "cuda":
-        return "reference"
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means no Triton path
-        return "reference"
-    return "triton"
 
 
 def _gather(ids: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor):
