@@ -23,7 +23,6 @@ Pieces:
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
