@@ -21,7 +21,8 @@ import torch
 import peftfx
 
 PLAYS = ("macbeth", "tempest", "romeo_and_juliet", "twelfth_night", "julius_caesar")
-_SPEAKER = re.compile(r"^[A-Z][A-Z .,'-]+\.$")  # "FIRST WITCH." on its own line
+# a speaker header on its own line: "FIRST WITCH." (most plays) or "Lady Capulet." (Romeo and Juliet)
+_SPEAKER = re.compile(r"^[A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,3}\.$")
 
 
 def _play_path(play: str) -> Path:
@@ -52,6 +53,9 @@ def build_dataset(per_class_train: int, per_class_test: int, seed: int = 0):
     train, test = [], []
     for label, play in enumerate(PLAYS):
         speeches = load_speeches(play)
+        if len(speeches) < per_class_train + per_class_test:
+            raise SystemExit(f"{play}: only {len(speeches)} speeches parsed, need "
+                             f"{per_class_train + per_class_test}; lower --train-per-class/--test-per-class")
         rng.shuffle(speeches)
         test += [(s, label) for s in speeches[:per_class_test]]
         train += [(s, label) for s in speeches[per_class_test : per_class_test + per_class_train]]
@@ -120,7 +124,8 @@ def main(argv=None) -> None:
     ap.add_argument("--test-per-class", type=int, default=80)
     ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate (default: 2e-3 with LoRA, 3e-2 for prompt/prefix-only plans)")
     ap.add_argument("--out", default="out/demo_adapters")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -146,9 +151,11 @@ def main(argv=None) -> None:
     before = accuracy(gm, tok, test, args.max_len)
     print(f"accuracy before training: {before:.1%} (chance {1 / len(PLAYS):.1%})")
 
-    opt = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=0.01)
+    # soft prompts and prefixes sit far from the frozen weights' scale and want a larger step
+    lr = args.lr or (2e-3 if plan.lora is not None or plan.adapter is not None else 3e-2)
+    opt = torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.01)
     steps = args.epochs * ((len(train) + args.batch - 1) // args.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     bar = tqdm(total=steps, desc="train", unit="step")
     for epoch in range(args.epochs):
         gm.train()
@@ -176,9 +183,11 @@ def main(argv=None) -> None:
     print(f"accuracy before -> after: {before:.1%} -> {after:.1%} on {len(test)} held-out speeches")
     print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
     mib = {k: v / 2**20 for k, v in mem.items()}
-    print(f"frozen quantized linears: {mib['linear_now']:.1f} MiB vs {mib['linear_fp32']:.1f} MiB in fp32 "
-          f"({mem['linear_now'] / mem['linear_fp32']:.1%}); whole frozen base incl. fp32 embeddings: "
-          f"{mib['all_now']:.1f} MiB vs {mib['all_fp32']:.1f} MiB ({mem['all_now'] / mem['all_fp32']:.1%})")
+    if mem["linear_fp32"]:
+        print(f"frozen quantized linears: {mib['linear_now']:.1f} MiB vs {mib['linear_fp32']:.1f} MiB in fp32 "
+              f"({mem['linear_now'] / mem['linear_fp32']:.1%})")
+    print(f"whole frozen base (embeddings stay fp32): {mib['all_now']:.1f} MiB vs {mib['all_fp32']:.1f} MiB "
+          f"in fp32 ({mem['all_now'] / mem['all_fp32']:.1%})")
     print(f"adapters saved to {out.resolve()}")
     print(f"total time {time.perf_counter() - start:.0f} s")
 
