@@ -1,8 +1,9 @@
 """Sharded QLoRA with FSDP2: ``torchrun --nproc-per-node 2 examples/train_fsdp.py``.
 
 Runs unchanged on CPUs (gloo) and on GPUs (nccl, one per process). Same model, plan and data as
-``train_ddp.py``; here ``peftfx.distributed.shard`` applies ``fully_shard`` (parameters sharded,
-packed NF4 bytes left as replicated uint8 buffers, untouched by the mixed-precision policy), and
+``train_ddp.py``; here ``peftfx.distributed.shard`` applies ``fully_shard`` to each block, then the
+root (parameters sharded, packed NF4 bytes left as replicated uint8 buffers, untouched by the
+mixed-precision policy), and
 ``peftfx.distributed.save_adapters`` gathers the sharded adapters and writes them on rank 0, in
 the file ``peftfx.load_adapters`` reads in a single process.
 

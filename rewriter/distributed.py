@@ -21,10 +21,11 @@ Three things PyTorch does not do for us, and this module does:
    floating output, so every adapter always gets a (possibly zero) gradient on every rank; the
    all-reduced gradient is then exactly the one of single-process training on the global batch.
 2. **FSDP2 sharding of an exported graph.** The graph reads block parameters with ``get_attr``
-   instead of calling the block modules, so ``fully_shard`` on ``model.layers.N`` never fires
-   its hooks (the forward would mix plain tensors and DTensors). :func:`shard` therefore makes
-   one FSDP group of the root, after broadcasting rank 0's tensors (FSDP2 has no
-   ``sync_module_states``: LoRA A is randomly initialized on each rank).
+   instead of calling the block modules, so ``fully_shard`` on ``model.layers.N`` alone would
+   never fire its hooks. :func:`shard` first outlines each block into a submodule the root graph
+   calls (``peftfx.blocks.outline_blocks``: same names, same ops), then shards each block and
+   then the root, after broadcasting rank 0's tensors (FSDP2 has no ``sync_module_states``:
+   LoRA A is randomly initialized on each rank).
 3. **Saving from FSDP2.** :func:`full_adapter_state_dict` gathers the trainable parameters
    (DTensor shards) into full CPU tensors on rank 0, under the compiled model's own names;
    :func:`save_adapters` writes them as ``peftfx.save_adapters`` does (loadable by
@@ -36,6 +37,7 @@ names the first tensor that differs: a cheap guard against silent divergence.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,7 @@ def _check_storage(gm: nn.Module) -> None:
             )
 
 
-def keep_adapters_in_graph(module: nn.Module) -> RemovableHandle:
+def keep_adapters_in_graph(module: nn.Module, *, skip: tuple[str, ...] = ()) -> RemovableHandle:
     """Give every trainable parameter a gradient in every step, on every rank.
 
     Registers a forward hook that adds ``0 * sum_p p.sum()`` (``p`` over the parameters that
@@ -90,6 +92,9 @@ def keep_adapters_in_graph(module: nn.Module) -> RemovableHandle:
 
     Args:
         module: the compiled GraphModule (any ``nn.Module`` works).
+        skip: submodule paths whose parameters are left out (blocks that anchor their own
+            parameters with their own hook: under per-block FSDP2 they are resharded, hence
+            DTensor shards, by the time the root's forward ends).
 
     Returns:
         The hook handle (``handle.remove()`` undoes it).
@@ -99,7 +104,8 @@ def keep_adapters_in_graph(module: nn.Module) -> RemovableHandle:
         return handle
 
     def hook(mod: nn.Module, args: Any, output: Any) -> Any:
-        params = [p for p in mod.parameters() if p.requires_grad]
+        params = [p for n, p in mod.named_parameters()
+                  if p.requires_grad and not any(n.startswith(s + ".") for s in skip)]
         if not params or not torch.is_grad_enabled():
             return output
         anchor = torch.stack([p.sum().to(torch.float32) for p in params]).sum() * 0.0
@@ -163,15 +169,20 @@ def _broadcast_state(module: nn.Module, group: Any = None) -> None:
 
 
 def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_after_forward: bool | None = None,
-          offload_policy: Any = None, sync: bool = True, keep_adapters: bool = True) -> nn.Module:
-    """Apply FSDP2 (``fully_shard``) to a compiled model, in place.
+          offload_policy: Any = None, sync: bool = True, keep_adapters: bool = True,
+          per_block: bool = True) -> nn.Module:
+    """Apply FSDP2 (``fully_shard``) to a compiled model, in place: each block, then the root.
 
     The exported graph reads every block's parameters directly (``get_attr``) rather than calling
-    the block, so the model is one FSDP group: its parameters (adapters and frozen float tensors:
-    embeddings, norms, heads) are sharded at rest, gathered for forward/backward, and adapter
-    gradients are reduce-scattered, so optimizer state is sharded too. Buffers, which hold the
-    packed quantized base, are not sharded and never cast: they stay uint8/int8 bytes under any
-    ``mp_policy``.
+    the block, so the blocks are first outlined into submodules the root graph calls, registered
+    at their own paths (``peftfx.blocks.outline_blocks``: parameter names, tensors, ops and
+    results are unchanged). Each block (``model.layers.N``) then becomes its own FSDP group,
+    gathered just before it runs and resharded after, and the root group holds the rest
+    (embeddings, final norm, head). Adapter gradients are reduce-scattered, so optimizer state is
+    sharded too. Buffers, which hold the packed quantized base, are not sharded and never cast:
+    they stay uint8/int8 bytes under any ``mp_policy``. If the blocks cannot be outlined exactly
+    (a tied weight read outside its block, interleaved blocks), the whole model is one group and
+    a warning says why. ``gm.meta["peftfx.fsdp_groups"]`` lists the groups (root last, as ``""``).
 
     Args:
         gm: the compiled model on its device (CPU with gloo, or ``cuda:local_rank``).
@@ -181,24 +192,44 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
         offload_policy: as ``fully_shard``'s.
         sync: broadcast rank 0's parameters and buffers first, so every rank shards the same
             values (randomly initialized LoRA A differs per rank otherwise).
-        keep_adapters: install :func:`keep_adapters_in_graph` (before sharding, as it must be).
+        keep_adapters: install :func:`keep_adapters_in_graph` (before sharding, as it must be),
+            on each block for its own parameters and on the root for the rest.
+        per_block: one group per block (False: one group for the whole model).
 
     Returns:
-        ``gm``, now also an ``FSDPModule`` (``gm.unshard()``, ``gm.reshard()``, ...).
+        ``gm``, now also an ``FSDPModule`` (``gm.unshard()``, ``gm.reshard()``, ...); so is each block.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from peftfx.blocks import outline_blocks
 
     _check_storage(gm)
     if sync:
         _broadcast_state(gm, mesh.get_group() if mesh is not None else None)
+    blocks: list[str] = []
+    if per_block and isinstance(gm, torch.fx.GraphModule):
+        outlined = outline_blocks(gm)
+        blocks = outlined.blocks
+        if not blocks and outlined.found:
+            warnings.warn(f"peftfx.distributed.shard: one FSDP2 group for the whole model, not one per block "
+                          f"({len(outlined.found)} blocks found): {outlined.reason}", stacklevel=2)
     if keep_adapters:
-        keep_adapters_in_graph(gm)
+        for b in blocks:
+            keep_adapters_in_graph(gm.get_submodule(b))
+        previous = getattr(gm, ANCHOR_ATTR, None)
+        if previous is not None and blocks:
+            previous.remove()  # it would read the blocks' parameters after they are resharded
+        keep_adapters_in_graph(gm, skip=tuple(blocks))
     kwargs: dict[str, Any] = {"mp_policy": mp_policy or MixedPrecisionPolicy(),
                               "offload_policy": offload_policy or OffloadPolicy()}
     if mesh is not None:
         kwargs["mesh"] = mesh
     if reshard_after_forward is not None:
         kwargs["reshard_after_forward"] = reshard_after_forward
+    for b in blocks:
+        fully_shard(gm.get_submodule(b), **kwargs)
+    if isinstance(getattr(gm, "meta", None), dict):
+        gm.meta["peftfx.fsdp_groups"] = [*blocks, ""]
     return fully_shard(gm, **kwargs)
 
 

@@ -140,9 +140,21 @@ def _scenario_fsdp(rank: int, gm, outdir: str) -> dict:
 
     from peftfx.distributed import full_adapter_state_dict, save_adapters, shard
 
+    from torch.distributed.fsdp import FSDPModule
+
     before = _buffer_prints(gm)
     shard(gm)
     sharded = sorted(n for n, p in gm.named_parameters() if isinstance(p, DTensor))
+    groups = gm.meta["peftfx.fsdp_groups"]
+    # each block is its own FSDP group (its own state, managing exactly its own parameters)
+    blocks = [g for g in groups if g]
+    owned = {g: sorted(f"{g}.{n}" for n, _ in gm.get_submodule(g).named_parameters()) for g in blocks}
+    owned[""] = sorted(n for n, _ in gm.named_parameters() if not any(n.startswith(b + ".") for b in blocks))
+    managed = {}
+    for g in groups:
+        ids = {id(fp.sharded_param) for fp in gm.get_submodule(g)._get_fsdp_state()._fsdp_param_group.fsdp_params}
+        managed[g] = [*sorted(n for n, p in gm.named_parameters() if id(p) in ids), len(ids)]
+    is_fsdp = {g: isinstance(gm.get_submodule(g), FSDPModule) for g in groups}
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-3)
     losses = []
     for batch in _llama_batches():
@@ -155,7 +167,8 @@ def _scenario_fsdp(rank: int, gm, outdir: str) -> dict:
         losses.append(global_loss.item() / WORLD)
     sd = full_adapter_state_dict(gm)
     path = save_adapters(gm, os.path.join(outdir, "fsdp_adapters"))
-    return {"losses": losses, "sharded": sharded, "before": before, "after": _buffer_prints(gm), "sd_keys": sorted(sd),
+    return {"losses": losses, "sharded": sharded, "groups": groups, "owned": owned, "managed": managed, "is_fsdp": is_fsdp,
+            "before": before, "after": _buffer_prints(gm), "sd_keys": sorted(sd),
             "path": path}
 
 
@@ -333,6 +346,11 @@ def test_fsdp_losses_match_and_saved_adapters_load_back(dist_results, llama_refe
     r0, r1 = _get(dist_results, "fsdp")
     trainable = sorted(peftfx.trainable_parameters(llama_reference["gm"]))
     assert set(trainable) <= set(r0["sharded"])  # adapters are sharded DTensors, not replicas
+    for r in (r0, r1):  # one FSDP2 group per block, then the root
+        assert r["groups"] == ["model.layers.0", "model.layers.1", ""]
+        assert all(r["is_fsdp"].values())
+        for g, names in r["owned"].items():  # each group manages exactly the parameters under its path
+            assert names and r["managed"][g] == [*names, len(names)], g
     for r in (r0, r1):
         loss_diff = max(abs(a - b) for a, b in zip(r["losses"], llama_reference["losses"]))
         print(f"FSDP2 vs single process: max |loss diff| = {loss_diff:.3g}")
@@ -409,3 +427,25 @@ def test_integer_parameters_are_refused_by_name():
     gm.head.register_parameter("codes", nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False))
     with pytest.raises(peftfx.PeftfxError, match="head.codes"):
         ddp(gm)
+
+
+def test_shard_warns_and_makes_one_group_when_blocks_cannot_be_outlined():
+    from torch.distributed.fsdp import FSDPModule
+
+    from peftfx.distributed import shard
+    from tests.rewriter.test_blocks import Stack
+
+    torch.manual_seed(0)
+    gm = peftfx.compile(Stack("tied"), {"targets": ["body.layers.*.fc"], "lora": {"r": 2, "alpha": 4}},
+                        example_inputs=(torch.randn(3, 16),))
+    x = torch.randn(4, 16)
+    ref = gm(x).detach()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="one FSDP2 group.*read outside its block"):
+            shard(gm)
+        assert gm.meta["peftfx.fsdp_groups"] == [""] and isinstance(gm, FSDPModule)
+        assert not isinstance(gm.get_submodule("body.layers.0"), FSDPModule)
+        assert torch.equal(gm(x).detach(), ref)
+    finally:
+        dist.destroy_process_group()
