@@ -69,13 +69,14 @@ def main() -> None:
         raise SystemExit(f"--batch {args.batch} must be divisible by the world size {world}")
 
     torch.manual_seed(0)  # every rank builds the same base (shard() also broadcasts rank 0's tensors)
-    model = tiny_llama().to(device)
+    # bf16 compute on GPUs: compile the model in bf16. export bakes dtype casts into the graph, so
+    # FSDP2's param_dtype casting would fight them; LoRA parameters stay fp32, as PEFT keeps them.
+    model = tiny_llama().to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     example = {k: v.to(device) for k, v in counting_batch(2, torch.Generator().manual_seed(0)).items()}
     gm = peftfx.compile(model, PLAN, example_inputs=example)
     gm.train()
-    # bf16 compute on GPUs; parameters only: the packed uint8 base is a buffer and never cast
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-    model = shard(gm, mp_policy=mp)
+    # gradients reduced in fp32; the packed uint8 base is a buffer and never cast or reduced
+    model = shard(gm, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     opt = torch.optim.AdamW(peftfx.trainable_parameters(gm).values(), lr=args.lr)  # sharded optimizer state
 
     data = torch.Generator().manual_seed(1)  # the same global batches on every rank
