@@ -41,3 +41,47 @@ def setup() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def parse_args(description: str, default_out: str):
+    """The flags both scripts take; the global batch must split evenly across ranks."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (split across ranks)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--out", default=default_out)
+    return ap.parse_args()
+
+
+def example_inputs(device: torch.device) -> dict:
+    """The batch every rank compiles with (same seed, so the same graph everywhere)."""
+    return {k: v.to(device) for k, v in counting_batch(2, torch.Generator().manual_seed(0)).items()}
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, args, rank: int, world: int,
+          device: torch.device) -> None:
+    """``args.steps`` steps on this rank's slice of the same global batches; rank 0 prints the mean loss."""
+    data = torch.Generator().manual_seed(1)  # the same global batches on every rank
+    per_rank = args.batch // world
+    for step in range(args.steps):
+        batch = counting_batch(args.batch, data)
+        mine = {k: v[rank * per_rank:(rank + 1) * per_rank].to(device) for k, v in batch.items()}
+        loss = model(**mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == args.steps - 1:
+            avg = loss.detach().clone()
+            dist.all_reduce(avg)
+            if rank == 0:
+                print(f"step {step:4d}  loss {avg.item() / world:.4f}", flush=True)
+
+
+def finish(path, rank: int, world: int) -> None:
+    """Report where rank 0 saved the adapters, then leave the process group together."""
+    if rank == 0:
+        print(f"saved adapters to {path} ({world} ranks, backend {dist.get_backend()})")
+    dist.barrier()
+    dist.destroy_process_group()
