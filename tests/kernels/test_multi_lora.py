@@ -1,22 +1,20 @@
 """Gathered batched LoRA: reference vs per-row math, the custom op (opcheck, autograd), Triton vs reference.
 
-The Triton part runs under TRITON_INTERPRET=1 on the CPU (set below, before triton is imported) or
+The Triton part runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py turns it on when there is no GPU) or
 natively on a GPU when the environment sets TRITON_INTERPRET=0.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from peftfx.errors import KernelError
+from peftfx.kernels.multi_lora import MultiLoRALinear, multi_lora, multi_lora_ref
 
-from peftfx.errors import KernelError  # noqa: E402
-from peftfx.kernels.multi_lora import MultiLoRALinear, multi_lora, multi_lora_ref  # noqa: E402
-
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+from tests.kernels.triton_env import DEVICE, INTERPRET, NO_DEVICE, NO_DEVICE_REASON
 
 
 def _stacks(n: int, ranks: list[int], k: int, out: int, *, dtype=torch.float32, device="cpu", seed=0):
@@ -127,14 +125,13 @@ def test_module_slots_pad_ranks_and_compile_without_graph_breaks():
 
 def _triton():
     pytest.importorskip("triton")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("native Triton needs CUDA (set TRITON_INTERPRET=1 to run on the CPU)")
+    if NO_DEVICE:
+        pytest.skip(NO_DEVICE_REASON)
     from peftfx.kernels.multi_lora_triton import multi_lora_triton
 
     return multi_lora_triton
 
 
-DEVICE = "cpu" if INTERPRET else "cuda"
 # (dtype, atol, rtol): fp32 runs IEEE dots; half types round x and the output to 8-11 mantissa bits
 TOLERANCES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 2e-2), (torch.bfloat16, 1e-1, 2e-2)]
 

@@ -1,27 +1,23 @@
 """Fused dequant-matmul + LoRA (Triton) vs reference.py: forward and every gradient, LLM.int8 outliers,
-bad input. Runs under TRITON_INTERPRET=1 on the CPU (set below, before triton is imported) or natively
+bad input. Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py turns it on when there is no GPU) or natively
 on a GPU when the environment sets TRITON_INTERPRET=0 (bench/gpu_check.sh does).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st
 
-from peftfx.errors import KernelError  # noqa: E402
-from peftfx.kernels import reference  # noqa: E402
-from peftfx.kernels.qlora_triton import qlora_backward_triton, qlora_forward_triton  # noqa: E402
+from peftfx.errors import KernelError
+from peftfx.kernels import reference
+from peftfx.kernels.qlora_triton import qlora_backward_triton, qlora_forward_triton
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("native Triton needs CUDA (set TRITON_INTERPRET=1 to run on the CPU)", allow_module_level=True)
+from tests.kernels.triton_env import DEVICE, INTERPRET, NO_DEVICE, NO_DEVICE_REASON
+
+if NO_DEVICE:
+    pytest.skip(NO_DEVICE_REASON, allow_module_level=True)
 
 FORMATS = ("none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
 

@@ -1,28 +1,24 @@
 """Triton quantize/dequantize vs reference.py: byte-identical storage, per-element error bounds, bad input.
 
-Runs under TRITON_INTERPRET=1 on the CPU (set below, before triton is imported) or natively on a GPU
+Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py turns it on when there is no GPU) or natively on a GPU
 when the environment sets TRITON_INTERPRET=0 (bench/gpu_check.sh does).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st
 
-from peftfx.errors import KernelError  # noqa: E402
-from peftfx.kernels import formats, reference  # noqa: E402
-from peftfx.kernels.quant_triton import dequantize_triton, quantize_triton  # noqa: E402
+from peftfx.errors import KernelError
+from peftfx.kernels import formats, reference
+from peftfx.kernels.quant_triton import dequantize_triton, quantize_triton
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("native Triton needs CUDA (set TRITON_INTERPRET=1 to run on the CPU)", allow_module_level=True)
+from tests.kernels.triton_env import DEVICE, INTERPRET, NO_DEVICE, NO_DEVICE_REASON
+
+if NO_DEVICE:
+    pytest.skip(NO_DEVICE_REASON, allow_module_level=True)
 
 FOUR_BIT = ("nf4", "fp4")
 ALL = ("nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
