@@ -19,6 +19,7 @@ from peftfx.passes.prefix_tuning import (
     prefix_tuning,
 )
 from tests.model_zoo import make_case
+from tests.training import train_losses
 
 P = 3
 DECODERS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
@@ -195,14 +196,7 @@ def test_reparametrized_prefix_trains_and_equals_its_folded_form():
     (enc,) = [m for m in gm.modules() if isinstance(m, PrefixEncoder)]
     assert sorted(n.rpartition(".")[2] for n in peftfx.trainable_parameters(gm)) == sorted(enc.PEFTFX_TRAINABLE)
     inputs = _inputs(case.inputs)
-    opt = torch.optim.Adam(peftfx.trainable_parameters(gm).values(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = gm(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(gm, inputs, peftfx.trainable_parameters(gm).values(), lr=1e-2)
     assert losses[-1] < losses[0] - 0.05
     table = prefix_prompt_embeddings(gm)
     assert table.shape == (P, 2 * 2 * 4 * 16)  # [P, layers*2*kv_heads*head_dim]

@@ -12,6 +12,7 @@ from peftfx.passes.prefix_tuning import prefix_prompt_embeddings
 from peftfx.passes.prompt_tuning import prompt_init
 from peftfx.plan import PromptTuningSpec
 from tests.model_zoo import make_case
+from tests.training import train_losses
 
 P = 4
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "bert", "t5")
@@ -84,14 +85,7 @@ def test_only_the_prompt_trains_and_a_short_run_lowers_the_loss():
     gm(**inputs).loss.backward()
     assert trainable["prompt_encoder.prompt_embeddings"].grad.abs().sum() > 0
     assert all(p.grad is None for n, p in gm.named_parameters() if n not in trainable)
-    opt = torch.optim.Adam(trainable.values(), lr=0.05)
-    losses = []
-    for _ in range(8):
-        loss = gm(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(gm, inputs, trainable.values(), lr=0.05)
     assert losses[-1] < losses[0] - 0.05
 
 
