@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from peftfx.errors import KernelError
 from peftfx.kernels import ops
+from peftfx.kernels.cpu_gemm import resolve_compute_dtype
 from peftfx.kernels.formats import QuantizedWeight, layer_prefix
 
 __all__ = ["QLoRALinear", "LoRALinear"]
@@ -32,6 +33,8 @@ class QLoRALinear(nn.Module):
         alpha: LoRA alpha. dropout: dropout on the adapter input. use_rslora: ``s = alpha / sqrt(r)``.
         name: the layer FQN, used in error messages.
         lora_dtype: dtype of the adapter parameters (fp32 by default, like PEFT's adapter autocast).
+        compute_dtype: dtype of the frozen base GEMM: None (the input's), a dtype name, or ``"auto"``
+            (bf16 where the device has fast bf16 GEMMs, e.g. AMX CPUs; see :mod:`peftfx.kernels.cpu_gemm`).
 
     Example::
 
@@ -43,10 +46,16 @@ class QLoRALinear(nn.Module):
 
     def __init__(self, weight: QuantizedWeight | Tensor, bias: Tensor | None = None, *, r: int | None,
                  alpha: float = 1.0, dropout: float = 0.0, use_rslora: bool = False, name: str | None = None,
-                 lora_dtype: torch.dtype = torch.float32) -> None:
+                 lora_dtype: torch.dtype = torch.float32, compute_dtype: str | torch.dtype | None = None) -> None:
         super().__init__()
         where = layer_prefix(name)
         self.name = name
+        if isinstance(compute_dtype, torch.dtype):
+            compute_dtype = str(compute_dtype).removeprefix("torch.")
+        if compute_dtype not in (None, "auto", "float32", "float16", "bfloat16"):
+            raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None, 'auto', 'float32', "
+                              f"'float16' or 'bfloat16'")
+        self.compute_dtype = compute_dtype
         if isinstance(weight, QuantizedWeight):
             weight.validate(name)
             self.format = weight.format
@@ -127,11 +136,13 @@ class QLoRALinear(nn.Module):
         return torch.ops.peftfx.qlora_linear(
             x, self.weight, self.weight_scales, self.weight_scales2, self.weight_offset, self.bias, self.lora_A,
             self.lora_B, x_lora, float(self.scaling), self.format, self.block_size, self.block_size2,
-            self.out_features, self.in_features, float(self.threshold))
+            self.out_features, self.in_features, float(self.threshold),
+            resolve_compute_dtype(getattr(self, "compute_dtype", None), x.device))
 
     def extra_repr(self) -> str:
         return (f"format={self.format}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.r}, alpha={self.alpha}, bias={self.bias is not None}")
+                f"r={self.r}, alpha={self.alpha}, bias={self.bias is not None}"
+                + (f", compute_dtype={self.compute_dtype}" if getattr(self, "compute_dtype", None) else ""))
 
 
 class LoRALinear(QLoRALinear):

@@ -2,10 +2,12 @@
 
 FX, torch.export and torch.compile see each op as one opaque node (``register_fake`` gives shapes).
 The backward saves x (only when the LoRA grads need it) or x_lora, the LoRA factors and the *packed*
-weight, never deq(W): W is frozen, so dx recomputes deq(W) (in row chunks on the reference path).
+weight, never deq(W): W is frozen, so dx recomputes deq(W) (in L2-sized tiles on the CPU path,
+:mod:`cpu_gemm`). ``compute_dtype`` is the base GEMM's dtype (None: the input's).
 
 Backend: ``backend_for(t)`` reads ``PEFTFX_KERNELS`` (``triton`` | ``reference``) on every call;
-unset, CUDA tensors go to Triton when it imports, everything else to :mod:`reference`. The Triton
+unset, CUDA tensors go to Triton when it imports, everything else to :mod:`cpu_gemm` (the fast CPU
+path, checked against :mod:`reference`). The Triton
 modules are imported lazily so this file works without them.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from peftfx.errors import KernelError
-from peftfx.kernels import reference
+from peftfx.kernels import cpu_gemm, reference
 from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
 
 __all__ = ["qlora_linear", "dequantize", "backend_for"]
@@ -83,7 +85,7 @@ def _qlora_linear_op(
     x: Tensor, packed: Tensor, scales: Tensor, scales2: Optional[Tensor], offset: Optional[Tensor],
     bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor], x_lora: Optional[Tensor],
     scaling: float, format: str, block_size: int, block_size2: int, out_features: int, in_features: int,
-    threshold: float,
+    threshold: float, compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                    x.dtype, threshold)
@@ -91,15 +93,17 @@ def _qlora_linear_op(
         from peftfx.kernels import qlora_triton
 
         k = x.shape[-1]
-        y = qlora_triton.qlora_forward_triton(x.reshape(-1, k), w, bias, lora_A, lora_B, scaling,
-                                              None if x_lora is None else x_lora.reshape(-1, k))
-        return y.reshape(*x.shape[:-1], out_features)
-    return reference.qlora_forward_ref(x, w, bias, lora_A, lora_B, scaling, x_lora)
+        # the kernels compute in their input's dtype: cast in, cast the result back
+        cd = compute_dtype or x.dtype
+        xl = None if x_lora is None else x_lora.reshape(-1, k).to(cd)
+        y = qlora_triton.qlora_forward_triton(x.reshape(-1, k).to(cd), w, bias, lora_A, lora_B, scaling, xl)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    return cpu_gemm.qlora_forward(x, w, bias, lora_A, lora_B, scaling, x_lora, compute_dtype)
 
 
 @_qlora_linear_op.register_fake
 def _(x, packed, scales, scales2, offset, bias, lora_A, lora_B, x_lora, scaling, format, block_size,
-      block_size2, out_features, in_features, threshold):
+      block_size2, out_features, in_features, threshold, compute_dtype=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -109,7 +113,7 @@ def _qlora_linear_backward_op(
     dy: Tensor, x: Tensor, packed: Tensor, scales: Tensor, scales2: Optional[Tensor], offset: Optional[Tensor],
     lora_A: Optional[Tensor], lora_B: Optional[Tensor], x_lora: Optional[Tensor], scaling: float, format: str,
     block_size: int, block_size2: int, out_features: int, in_features: int, threshold: float,
-    needs: Sequence[bool],
+    needs: Sequence[bool], compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dx_lora, dA, dB); outputs not needed (or without meaning) are empty tensors."""
     w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
@@ -119,20 +123,23 @@ def _qlora_linear_backward_op(
         from peftfx.kernels import qlora_triton
 
         k = x.shape[-1]
+        cd = compute_dtype or x.dtype
         dx, dxl, dA, dB = qlora_triton.qlora_backward_triton(
-            dy.reshape(-1, out_features), x.reshape(-1, k), w, lora_A, lora_B, scaling,
-            None if x_lora is None else x_lora.reshape(-1, k), needs)
-        dx = None if dx is None else dx.reshape(x.shape)
-        dxl = None if dxl is None else dxl.reshape(x.shape)
+            dy.reshape(-1, out_features).to(cd), x.reshape(-1, k).to(cd), w, lora_A, lora_B, scaling,
+            None if x_lora is None else x_lora.reshape(-1, k).to(cd), needs)
+        dx = None if dx is None else dx.to(x.dtype).reshape(x.shape)
+        dxl = None if dxl is None else dxl.to(x.dtype).reshape(x.shape)
+        dA = None if dA is None else dA.to(lora_A.dtype)
+        dB = None if dB is None else dB.to(lora_B.dtype)
     else:
-        dx, dxl, dA, dB = reference.qlora_backward_ref(dy, x, w, lora_A, lora_B, scaling, x_lora, needs)
+        dx, dxl, dA, dB = cpu_gemm.qlora_backward(dy, x, w, lora_A, lora_B, scaling, x_lora, needs, compute_dtype)
     # a fresh empty per missing output: custom op outputs may not alias each other
     return tuple(x.new_empty(0) if t is None else t.contiguous() for t in (dx, dxl, dA, dB))
 
 
 @_qlora_linear_backward_op.register_fake
 def _(dy, x, packed, scales, scales2, offset, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
-      out_features, in_features, threshold, needs):
+      out_features, in_features, threshold, needs, compute_dtype=None):
     has_lora = lora_A is not None and lora_B is not None
     dx = x.new_empty(x.shape) if needs[0] else x.new_empty(0)
     dxl = x.new_empty(x.shape) if needs[1] and has_lora and x_lora is not None else x.new_empty(0)
@@ -143,32 +150,32 @@ def _(dy, x, packed, scales, scales2, offset, lora_A, lora_B, x_lora, scaling, f
 
 def _setup_context(ctx, inputs, output):
     (x, packed, scales, scales2, offset, bias, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
-     out_features, in_features, threshold) = inputs
+     out_features, in_features, threshold, compute_dtype) = inputs
     # dx = dy·deq(W) needs no x: only the LoRA grads read it, and only when x_lora is None. A
     # frozen (quantize-only) layer therefore keeps a zero-stride stand-in that carries x's shape
     # and dtype in one element, not the activation: what bitsandbytes' frozen 4-bit matmul saves.
     needs_x = lora_A is not None and x_lora is None
     x_saved = x if needs_x else torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
     ctx.save_for_backward(x_saved, packed, scales, scales2, offset, lora_A, lora_B, x_lora)
-    ctx.meta = (scaling, format, block_size, block_size2, out_features, in_features, threshold)
+    ctx.meta = (scaling, format, block_size, block_size2, out_features, in_features, threshold, compute_dtype)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy):
     x, packed, scales, scales2, offset, lora_A, lora_B, x_lora = ctx.saved_tensors
-    scaling, format, block_size, block_size2, out_features, in_features, threshold = ctx.meta
+    scaling, format, block_size, block_size2, out_features, in_features, threshold, compute_dtype = ctx.meta
     n = ctx.needs_input_grad
     needs = [n[0], n[8], n[6], n[7]]
     dbias = None
     if ctx.has_bias and n[5]:
         dbias = dy.reshape(-1, out_features).sum(0)
     if not any(needs):
-        return (None,) * 5 + (dbias,) + (None,) * 10
+        return (None,) * 5 + (dbias,) + (None,) * 11
     dx, dxl, dA, dB = torch.ops.peftfx.qlora_linear_backward(
         dy, x, packed, scales, scales2, offset, lora_A, lora_B, x_lora, scaling, format, block_size, block_size2,
-        out_features, in_features, threshold, needs)
+        out_features, in_features, threshold, needs, compute_dtype)
     return (dx if n[0] else None, None, None, None, None, dbias, dA if n[6] else None, dB if n[7] else None,
-            dxl if n[8] else None) + (None,) * 7
+            dxl if n[8] else None) + (None,) * 8
 
 
 torch.library.register_autograd("peftfx::qlora_linear", _backward, setup_context=_setup_context)
@@ -198,10 +205,11 @@ def _(packed, scales, scales2, offset, format, block_size, block_size2, out_feat
 # ----------------------------------------------------------------------------------- Python API
 def qlora_linear(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | None, lora_A: Tensor | None,
                  lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None, *,
-                 name: str | None = None) -> Tensor:
+                 name: str | None = None, compute_dtype: torch.dtype | None = None) -> Tensor:
     """``x @ deq(W).T + bias + scaling * (x_lora @ A.T) @ B.T`` for x ``[..., in]`` -> ``[..., out]``.
 
     ``weight`` is a :class:`QuantizedWeight` or a dense frozen ``[out, in]`` tensor (format "none").
+    ``compute_dtype`` is the dtype of the base GEMM (None: x's dtype; see :mod:`cpu_gemm`).
 
     Example::
 
@@ -215,11 +223,11 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | Non
         return torch.ops.peftfx.qlora_linear(
             x, weight.packed, weight.scales, weight.scales2, weight.offset, bias, lora_A, lora_B, x_lora,
             float(scaling), weight.format, weight.block_size, weight.block_size2, weight.shape[0],
-            weight.shape[1], float(weight.threshold))
+            weight.shape[1], float(weight.threshold), compute_dtype)
     empty = weight.new_empty(0, dtype=torch.float32)
     return torch.ops.peftfx.qlora_linear(
         x, weight, empty, None, None, bias, lora_A, lora_B, x_lora, float(scaling), "none", 64, 256,
-        weight.shape[0], weight.shape[1], 0.0)
+        weight.shape[0], weight.shape[1], 0.0, compute_dtype)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Tensor:

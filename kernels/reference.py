@@ -17,8 +17,9 @@ Fused math (s = scaling, xl = x_lora if given else x)::
     dA       = s * (dy @ B).T @ xl
     dB       = s * dy.T @ (xl @ A.T)
 
-On CPU, bf16/fp16 inputs are computed in fp32 (bf16 GEMMs are ~4x slower without AMX) and cast back;
-deq(W) is produced in row chunks so a full fp32 copy of a large weight never exists.
+Half-precision CPU inputs accumulate in fp32 (:func:`compute_dtype`); the base product may run in a
+lower ``compute`` dtype. This file is the plain oracle: :mod:`peftfx.kernels.cpu_gemm` is the tiled,
+fast CPU path that ``peftfx::qlora_linear`` runs, checked against it.
 """
 from __future__ import annotations
 
@@ -447,76 +448,55 @@ def llm_int8_matmul(x: Tensor, qw: QuantizedWeight) -> Tensor:
     return y
 
 
-# At most this many rows of x count as decode-shaped: deq(W) then goes through L2-sized chunks, each
-# consumed by a GEMV while it is still cached, instead of through memory.
-GEMV_ROWS = 16
-GEMV_CHUNK_ELEMS = 1 << 17
-
-
-def _chunk_elems(m: int) -> int:
-    return GEMV_CHUNK_ELEMS if m <= GEMV_ROWS else CHUNK_ELEMS
-
-
-def _base_forward(x2: Tensor, weight: QuantizedWeight | Tensor) -> Tensor:
+def _base_product(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
+    """``x2 @ deq(W).T`` with both operands rounded to ``dtype`` (fp32 accumulation where BLAS does it)."""
     if isinstance(weight, Tensor):
-        return x2 @ weight.to(x2.dtype).t()
+        return x2.to(dtype) @ weight.to(dtype).t()
     if weight.format == "llm-int8":
-        return llm_int8_matmul(x2, weight)
-    max_elems = _chunk_elems(x2.shape[0])
-    if weight.numel <= max_elems:
-        return x2 @ dequantize(weight, x2.dtype).t()
-    y = x2.new_empty(x2.shape[0], weight.shape[0])
-    for r0, r1, w in iter_dequantized_rows(weight, x2.dtype, max_elems, reuse=True):
-        torch.mm(x2, w.t(), out=y[:, r0:r1])  # BLAS writes the column slice in place (ldc = out_features)
-    return y
+        return llm_int8_matmul(x2.float() if x2.dtype != torch.float64 else x2, weight).to(dtype)
+    return x2.to(dtype) @ dequantize(weight, torch.float32).to(dtype).t()
 
 
-def _base_backward(dy: Tensor, weight: QuantizedWeight | Tensor) -> Tensor:
-    if isinstance(weight, Tensor):
-        return dy @ weight.to(dy.dtype)
-    max_elems = _chunk_elems(dy.shape[0])
-    if weight.numel <= max_elems:
-        return dy @ dequantize(weight, dy.dtype)
-    dx = None
-    for r0, r1, w in iter_dequantized_rows(weight, dy.dtype, max_elems, reuse=True):
-        dx = dy[:, r0:r1] @ w if dx is None else dx.addmm_(dy[:, r0:r1], w)
-    return dx
-
-
-def _flat(t: Tensor | None, k: int, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.reshape(-1, k).to(dtype)
+def _base_grad(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
+    w = weight if isinstance(weight, Tensor) else dequantize(weight, torch.float32)
+    return dy2.to(dtype) @ w.to(dtype)
 
 
 def qlora_forward_ref(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | None, lora_A: Tensor | None,
-                      lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None) -> Tensor:
-    """``y = x @ deq(W).T + b + s * (xl @ A.T) @ B.T`` for x ``[..., in]``; returns ``[..., out]`` in x.dtype."""
+                      lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
+                      compute: torch.dtype | None = None) -> Tensor:
+    """``y = x @ deq(W).T + b + s * (xl @ A.T) @ B.T`` for x ``[..., in]``; returns ``[..., out]`` in x.dtype.
+
+    The base product runs in ``compute`` (default: :func:`compute_dtype`); LoRA, bias and the sum in
+    :func:`compute_dtype`. The plain oracle: :mod:`peftfx.kernels.cpu_gemm` is the fast CPU path.
+    """
     k = x.shape[-1]
-    out_f = weight.shape[0]
-    cd = compute_dtype(x)
-    x2 = _flat(x, k, cd)
-    y = _base_forward(x2, weight)
+    acc = compute_dtype(x)
+    x2 = x.reshape(-1, k)
+    y = _base_product(x2, weight, compute or acc).to(acc)
     if bias is not None:
-        y = y + bias.to(cd)
+        y = y + bias.to(acc)
     if lora_A is not None and lora_B is not None:
-        xl = x2 if x_lora is None else _flat(x_lora, k, cd)
-        y = y + scaling * ((xl @ lora_A.to(cd).t()) @ lora_B.to(cd).t())
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+        xl = (x2 if x_lora is None else x_lora.reshape(-1, k)).to(acc)
+        y = y + scaling * ((xl @ lora_A.to(acc).t()) @ lora_B.to(acc).t())
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def qlora_backward_ref(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, lora_A: Tensor | None,
                        lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
                        needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+                       compute: torch.dtype | None = None,
                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dx_lora, dA, dB)``; ``dx_lora`` is None when ``x_lora`` is None (its term is folded into dx)."""
     k = x.shape[-1]
-    cd = compute_dtype(x)
-    dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
+    acc = compute_dtype(x)
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(acc)
     has_lora = lora_A is not None and lora_B is not None
     need_dx, need_dxl, need_dA, need_dB = needs
     dx = dx_lora = dA = dB = None
     if has_lora:
-        A, B = lora_A.to(cd), lora_B.to(cd)
-        xl = _flat(x if x_lora is None else x_lora, k, cd)
+        A, B = lora_A.to(acc), lora_B.to(acc)
+        xl = (x if x_lora is None else x_lora).reshape(-1, k).to(acc)
         dyB = dy2 @ B  # [M, r]
         if need_dA:
             dA = (scaling * (dyB.t() @ xl)).to(lora_A.dtype)
@@ -524,7 +504,7 @@ def qlora_backward_ref(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, 
             dB = (scaling * (dy2.t() @ (xl @ A.t()))).to(lora_B.dtype)
         lora_dx = scaling * (dyB @ A) if (need_dx and x_lora is None) or (need_dxl and x_lora is not None) else None
     if need_dx:
-        dx = _base_backward(dy2, weight)
+        dx = _base_grad(dy2, weight, compute or acc).to(acc)
         if has_lora and x_lora is None:
             dx = dx + lora_dx
         dx = dx.to(x.dtype).reshape(x.shape)

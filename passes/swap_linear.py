@@ -39,8 +39,13 @@ def _lora_kwargs(target: Target, in_features: int, out_features: int) -> dict:
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "use_rslora": lora.use_rslora}
 
 
+def _compute_dtype(target: Target) -> str | None:
+    return getattr(target.quant, "compute_dtype", None) if target.quant is not None else None
+
+
 def _build_dense(w: torch.Tensor, bias, target: Target) -> nn.Module:
-    return QLoRALinear(w, bias, name=target.site.fqn, **_lora_kwargs(target, w.shape[1], w.shape[0]))
+    return QLoRALinear(w, bias, name=target.site.fqn, compute_dtype=_compute_dtype(target),
+                       **_lora_kwargs(target, w.shape[1], w.shape[0]))
 
 
 def _build_quantized(w: torch.Tensor, bias, target: Target) -> nn.Module:
@@ -54,7 +59,8 @@ def _build_quantized(w: torch.Tensor, bias, target: Target) -> nn.Module:
         threshold=getattr(q, "threshold", 6.0),
         name=target.site.fqn,
     )
-    return QLoRALinear(qw, bias, name=target.site.fqn, **_lora_kwargs(target, w.shape[1], w.shape[0]))
+    return QLoRALinear(qw, bias, name=target.site.fqn, compute_dtype=_compute_dtype(target),
+                       **_lora_kwargs(target, w.shape[1], w.shape[0]))
 
 
 def _is_dense(t: Target) -> bool:

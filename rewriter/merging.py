@@ -72,7 +72,8 @@ def _quantized_module(m: nn.Module, w: Tensor, fqn: str) -> tuple[nn.Module, dic
     qw = reference.quantize(w.to(m.weight_dtype), m.format, block_size=m.block_size,
                             double_quant=m.weight_scales2 is not None, block_size2=m.block_size2,
                             threshold=m.threshold, name=fqn)
-    new = QLoRALinear(qw, m.bias.detach().clone() if m.bias is not None else None, r=None, name=fqn)
+    new = QLoRALinear(qw, m.bias.detach().clone() if m.bias is not None else None, r=None, name=fqn,
+                      compute_dtype=getattr(m, "compute_dtype", None))
     err = (reference.dequantize(qw, torch.float32) - w).abs()
     return new, {"layer": fqn, "format": m.format, "max_abs": err.max().item(), "mean_abs": err.mean().item()}
 

@@ -191,7 +191,7 @@ def _install(gm: GraphModule, lora_layers: list[str]) -> None:
     for fqn in lora_layers:
         old = gm.get_submodule(fqn)
         weight = old.quantized_weight() if old.format != "none" else old.weight
-        base = QLoRALinear(weight, old.bias, r=None, name=fqn)
+        base = QLoRALinear(weight, old.bias, r=None, name=fqn, compute_dtype=getattr(old, "compute_dtype", None))
         set_submodule(gm, fqn, MultiLoRALinear(base, old.in_features, old.out_features, name=fqn))
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in lora_layers:

@@ -41,7 +41,7 @@ __all__ = [
 
 PLAN_VERSION = 1
 QUANT_FORMATS = ("none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -130,7 +130,9 @@ class QuantSpec(_Spec):
         double_quant: quantize the absmax vector to 8 bits in blocks of ``block_size2``.
         block_size2: block size of the second-level quantization.
         threshold: outlier magnitude for ``llm-int8`` (columns above it stay in 16 bits).
-        compute_dtype: ``float32 | float16 | bfloat16``, or None for the input's dtype.
+        compute_dtype: dtype of the frozen base GEMM: ``float32 | float16 | bfloat16``, ``auto`` (bf16
+            where the device has fast bf16 GEMMs: AMX/AVX512-BF16 CPUs, sm80+ GPUs; the input's dtype
+            elsewhere), or None for the input's dtype. LoRA, bias and outputs keep the input's dtype.
         targets: patterns for this section; None means the plan's top-level targets.
     """
 

@@ -84,3 +84,41 @@ def test_swap_is_idempotent_on_an_already_swapped_graph():
     with pytest.raises(peftfx.PlanError, match="q_proj"):
         swap_linear(gm, PassContext(plan=plan))  # nothing left to match: says so, changes nothing
     assert gm.code == code
+
+
+def test_plan_compute_dtype_reaches_every_swapped_layer_and_bf16_training_runs():
+    """``quant.compute_dtype`` (bnb's ``bnb_4bit_compute_dtype``) sets the base GEMM dtype per layer; rules
+    may override it. bf16 GEMMs change the logits by bf16 rounding only, and LoRA still trains in fp32."""
+    case = make_case("llama")
+    ref = peftfx.compile(copy.deepcopy(case.model), {**RULES_PLAN, "rules": []}, example_inputs=case.inputs)
+    plan = {**RULES_PLAN, "quant": {**RULES_PLAN["quant"], "compute_dtype": "bfloat16"},
+            "rules": [{"targets": ["down_proj"], "quant": {"format": "nf4", "compute_dtype": "float32"}}]}
+    gm = peftfx.compile(case.model, plan, example_inputs=case.inputs)
+    dtypes = {n.rsplit(".", 1)[-1]: m.compute_dtype for n, m in gm.named_modules() if isinstance(m, QLoRALinear)}
+    assert dtypes["q_proj"] == "bfloat16" and dtypes["down_proj"] == "float32"
+    big = {k: v.repeat(4, 3) for k, v in case.inputs.items()}  # 8 x 21 rows: above the fp32 GEMV cut-off
+    out, want = gm(**big).logits, ref(**big).logits
+    assert not torch.equal(out, want)
+    torch.testing.assert_close(out, want, rtol=0.05, atol=0.05)
+    gm.train()
+    gm(**big).loss.backward()
+    grads = [p.grad for n, p in gm.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_auto_compute_dtype_is_recorded_and_resolved_per_call(monkeypatch):
+    from peftfx.kernels import cpu_gemm
+
+    case = make_case("llama")
+    plan = {**RULES_PLAN, "rules": [], "quant": {**RULES_PLAN["quant"], "compute_dtype": "auto"}}
+    gm = peftfx.compile(case.model, plan, example_inputs=case.inputs)
+    mods = [m for m in gm.modules() if isinstance(m, QLoRALinear)]
+    assert mods and {m.compute_dtype for m in mods} == {"auto"}
+    seen = []
+    real = cpu_gemm.qlora_forward
+    monkeypatch.setattr(cpu_gemm, "qlora_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    for fast in (True, False):
+        monkeypatch.setitem(cpu_gemm._FAST_BF16, "cpu", fast)
+        seen.clear()
+        gm(**case.inputs)
+        assert set(seen) == {torch.bfloat16 if fast else None}
