@@ -35,6 +35,9 @@ __all__ = ["TILE_ELEMS", "fast_bf16", "resolve_compute_dtype", "gemm_dtype", "ba
 # Larger M is bound by the GEMM, which runs best on big tiles (fewer calls, less per-op overhead).
 TILE_ELEMS = 1 << 18
 GEMM_TILE_ELEMS = 1 << 21
+# Elements dequantized per step inside a tile, whatever the tile size: the step's indices and fp32
+# values stay in L2 from the lookup through the scale multiply and cast.
+L2_ELEMS = 1 << 18
 GEMV_ROWS = 16
 
 _FAST_BF16: dict[str, bool] = {}
@@ -81,42 +84,48 @@ def _tiles_fit(weight: QuantizedWeight) -> bool:
 
 
 class _Workspace:
-    """Tile buffers reused by every tile of one call: int32 indices, fp32 values (as float64 pairs),
-    and the compute-dtype copy when that is not fp32."""
+    """Buffers reused by every tile of one call: the tile itself (``dtype``), and for the L2-sized
+    steps that fill it, int32 indices and (for a non-fp32 tile) fp32 values stored as float64 pairs."""
 
     def __init__(self, elems: int, dtype: torch.dtype, device: torch.device) -> None:
-        half = (elems + 1) // 2
-        self.idx = torch.empty(half, dtype=torch.int32, device=device)
-        self.pairs = torch.empty(half, dtype=torch.float64, device=device)
-        self.cast = None if dtype == torch.float32 else torch.empty(elems, dtype=dtype, device=device)
+        step = (min(elems, L2_ELEMS) + 1) // 2
+        self.idx = torch.empty(step, dtype=torch.int32, device=device)
+        self.pairs = None if dtype == torch.float32 else torch.empty(step, dtype=torch.float64, device=device)
+        self.tile = torch.empty(elems, dtype=dtype, device=device)
 
 
 def _dequant_tile(qw: QuantizedWeight, scales: Tensor, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype,
                   ws: _Workspace) -> Tensor:
     """deq(W)[r0:r1, c0:c1] in ``dtype`` (a view into ``ws``); c0, c1 are multiples of the block size.
 
-    One ``index_select`` from the 256-entry byte -> (hi, lo) table viewed as float64 (8 bytes = the
-    two fp32 values of one byte), one in-place multiply by the block scales, one cast: each element is
-    rounded once, from fp32 code x fp32 absmax, as bitsandbytes does.
+    Filled in steps of about :data:`L2_ELEMS` elements (rows of the tile): one ``index_select`` from the
+    256-entry byte -> (hi, lo) table viewed as float64 (8 bytes = the two fp32 values of one byte), one
+    in-place multiply by the block scales and, for a bf16/fp16 tile, one cast, each reading what the
+    previous op just wrote to L2. Every element is rounded once, from fp32 code x fp32 absmax, as
+    bitsandbytes does.
     """
     n_rows, k = qw.shape
     bs = qw.block_size
     rows, cols = r1 - r0, c1 - c0
-    half = rows * cols // 2
-    packed = qw.packed.reshape(n_rows, k // 2)[r0:r1, c0 // 2: c1 // 2]
-    idx = ws.idx[:half]
-    idx.view(rows, cols // 2).copy_(packed)
+    out = ws.tile[: rows * cols].view(rows, cols)
+    packed = qw.packed.reshape(n_rows, k // 2)[:, c0 // 2: c1 // 2]
+    scales = scales.view(n_rows, k // bs)[:, c0 // bs: c1 // bs].unsqueeze(-1)
     table = reference._on(f"pairs64_{qw.format}", reference._PAIRS[qw.format].view(torch.float64).view(-1),
-                          packed.device)
-    pairs = ws.pairs[:half]
-    torch.index_select(table, 0, idx, out=pairs)
-    vals = pairs.view(torch.float32).view(rows, cols // bs, bs)
-    vals.mul_(scales.view(n_rows, k // bs)[r0:r1, c0 // bs: c1 // bs].unsqueeze(-1))
-    vals = vals.view(rows, cols)
-    if ws.cast is None:
-        return vals
-    out = ws.cast[: rows * cols].view(rows, cols)
-    out.copy_(vals)
+                          qw.packed.device)
+    step = max(1, min(rows, L2_ELEMS // cols))
+    for s0 in range(r0, r1, step):
+        s1 = min(r1, s0 + step)
+        half = (s1 - s0) * cols // 2
+        idx = ws.idx[:half]
+        idx.view(s1 - s0, cols // 2).copy_(packed[s0:s1])
+        dst = out[s0 - r0: s1 - r0]
+        # fp32 tile: look up straight into it (cols is even, so each step starts 8-byte aligned)
+        pairs = dst.view(-1).view(torch.float64) if ws.pairs is None else ws.pairs[:half]
+        torch.index_select(table, 0, idx, out=pairs)
+        vals = pairs.view(torch.float32).view(s1 - s0, cols // bs, bs)
+        vals.mul_(scales[s0:s1])
+        if ws.pairs is not None:
+            dst.copy_(vals.view(s1 - s0, cols))
     return out
 
 

@@ -23,7 +23,6 @@ fast CPU path that ``peftfx::qlora_linear`` runs, checked against it.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Iterator
 
 import torch
@@ -272,33 +271,16 @@ def quantize_llm_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------- dequantize
-# Decoded fp32 scales of double-quantized weights, keyed by the uint8 scales tensor (weakly: the cache
-# entry dies with the weight) and the version counters of scales/scales2/offset (in-place loads invalidate it). The entry is
-# n_blocks fp32 = 1/16 of the packed bytes (0.5 bit/param at block 64), kept out of buffers and state
-# dicts, so the stored format stays 4.127 bits/param; it saves the decode on every forward/backward.
-_SCALES_CACHE: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}  # id -> (ref, versions, fp32)
-
-
 def decode_scales(qw: QuantizedWeight) -> Tensor:
-    """fp32 per-block scale (absmax for 4-bit, absmax/127 for int8, ...), undoing double quantization."""
+    """fp32 per-block scale (absmax for 4-bit, absmax/127 for int8, ...), undoing double quantization.
+
+    Decoded on every call, not cached: the decode is ~5 ops over n_blocks (n/64) elements, ~2 ms per
+    training step of a 50 M-parameter model, while a cache would keep 0.5 bit/param resident (3 MiB
+    there), 12% on top of the 4.127 bits/param the format stores.
+    """
     if not qw.double_quant:
         return qw.scales
-    key = qw.scales
-    if not _is_plain(key):  # fake / functional tensors: no caching on the export path
-        return _decode_double(qw)
-    version = (key._version, qw.scales2._version, qw.offset._version)
-    hit = _SCALES_CACHE.get(id(key))
-    if hit is not None and hit[0]() is key and hit[1] == version:
-        return hit[2]
-    s = _decode_double(qw)
-    kid = id(key)  # identity, not ==: tensors compare elementwise
-    _SCALES_CACHE[kid] = (weakref.ref(key, lambda _, kid=kid: _SCALES_CACHE.pop(kid, None)), version, s)
-    return s
-
-
-def _is_plain(t: Tensor) -> bool:
-    # fake / functional tensors are subclasses; inference tensors have no version counter
-    return type(t) is torch.Tensor and t.device.type != "meta" and not t.is_inference()
+    return _decode_double(qw)
 
 
 def _decode_double(qw: QuantizedWeight) -> Tensor:

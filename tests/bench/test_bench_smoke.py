@@ -41,9 +41,12 @@ def test_cpu_train_smoke(tmp_path):
                            "--reps", "1", "--compile-reps", "1", "--no-torchao", "--out", str(out),
                            "--plot", str(tmp_path / "t.png")])
     rows = {r[0]: r for r in _table_rows(body)}
-    for name in ("dense LoRA (peft) qv", "peft+bnb qv", "peftfx qv", "peft+bnb all", "peftfx all",
-                 "peftfx.compile qv", "peftfx.compile all"):
+    peftfx_rows = [f"peftfx {c} {p}" for c in ("fp32", "auto") for p in ("qv", "all")]
+    for name in ("dense LoRA (peft) qv", "peft+bnb qv", "peft+bnb bf16 qv", "peft+bnb all", "peft+bnb bf16 all",
+                 *peftfx_rows, "peftfx.compile qv", "peftfx.compile all"):
         assert name in rows, name
-    assert float(rows["peft+bnb qv"][3]) == 1.0 and float(rows["peft+bnb all"][5]) == 1.0
-    assert all(float(rows[k][4]) > 0 for k in ("peftfx qv", "peftfx all"))  # peak MiB measured
+    # ratio columns: 3 = time / peft+bnb, 4 = time / peft+bnb bf16, 6 = peak / peft+bnb, 7 = peak / bf16
+    assert float(rows["peft+bnb qv"][3]) == 1.0 and float(rows["peft+bnb all"][6]) == 1.0
+    assert float(rows["peft+bnb bf16 qv"][4]) == 1.0 and float(rows["peft+bnb bf16 all"][7]) == 1.0
+    assert all(float(rows[k][5]) > 0 for k in peftfx_rows)  # peak MiB measured
     assert (tmp_path / "t.png").stat().st_size > 0
