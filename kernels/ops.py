@@ -12,6 +12,7 @@ modules are imported lazily so this file works without them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Sequence
 
@@ -79,6 +80,10 @@ def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_
             raise KernelError(f"{where}lora_B shape {list(lora_B.shape)} != [{out_f}, {r}]")
 
 
+def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
 # ------------------------------------------------------------------------------------ forward op
 @torch.library.custom_op("peftfx::qlora_linear", mutates_args=())
 def _qlora_linear_op(
@@ -93,10 +98,12 @@ def _qlora_linear_op(
         from peftfx.kernels import qlora_triton
 
         k = x.shape[-1]
-        # the kernels compute in their input's dtype: cast in, cast the result back
+        # the kernels compute in their inputs' dtype (W tiles included): cast in, cast the result back
         cd = compute_dtype or x.dtype
+        w = w if isinstance(w, Tensor) else dataclasses.replace(w, dtype=cd)
         xl = None if x_lora is None else x_lora.reshape(-1, k).to(cd)
-        y = qlora_triton.qlora_forward_triton(x.reshape(-1, k).to(cd), w, bias, lora_A, lora_B, scaling, xl)
+        y = qlora_triton.qlora_forward_triton(x.reshape(-1, k).to(cd), w, _to(bias, cd), _to(lora_A, cd),
+                                              _to(lora_B, cd), scaling, xl)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
     return cpu_gemm.qlora_forward(x, w, bias, lora_A, lora_B, scaling, x_lora, compute_dtype)
 
@@ -124,8 +131,9 @@ def _qlora_linear_backward_op(
 
         k = x.shape[-1]
         cd = compute_dtype or x.dtype
+        w = w if isinstance(w, Tensor) else dataclasses.replace(w, dtype=cd)
         dx, dxl, dA, dB = qlora_triton.qlora_backward_triton(
-            dy.reshape(-1, out_features).to(cd), x.reshape(-1, k).to(cd), w, lora_A, lora_B, scaling,
+            dy.reshape(-1, out_features).to(cd), x.reshape(-1, k).to(cd), w, _to(lora_A, cd), _to(lora_B, cd), scaling,
             None if x_lora is None else x_lora.reshape(-1, k).to(cd), needs)
         dx = None if dx is None else dx.to(x.dtype).reshape(x.shape)
         dxl = None if dxl is None else dxl.to(x.dtype).reshape(x.shape)

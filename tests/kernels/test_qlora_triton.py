@@ -179,3 +179,25 @@ def test_bad_inputs_raise_kernel_error():
             qlora_forward_triton(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 1.0, a["x_lora"])
     with pytest.raises(KernelError, match="grad_output"):
         qlora_backward_triton(t["dy"][:, :3], t["x"], w, A, B, 1.0, None, (True,) * 4)
+
+
+def test_op_compute_dtype_casts_around_the_triton_kernels(monkeypatch):
+    """Through ``peftfx::qlora_linear`` on the Triton backend, compute_dtype casts x (and dy) into the
+    kernels and the results back: fp16 compute of fp32 inputs gives fp32 outputs and fp32 LoRA grads
+    within fp16 rounding of the fp32 ones."""
+    from peftfx.kernels import ops
+
+    monkeypatch.setenv("PEFTFX_KERNELS", "triton")
+    torch.manual_seed(0)
+    qw = reference.quantize(torch.randn(48, 64) * 0.1, "nf4", block_size=32).to(DEVICE)
+    x = torch.randn(5, 64, device=DEVICE) * 0.1
+    A0, B0 = torch.randn(4, 64, device=DEVICE) * 0.1, torch.randn(48, 4, device=DEVICE) * 0.1
+    grads = {}
+    for cd in (None, torch.float16):
+        xr, A, B = (t.clone().requires_grad_() for t in (x, A0, B0))
+        y = ops.qlora_linear(xr, qw, None, A, B, 2.0, compute_dtype=cd)
+        y.sum().backward()
+        assert y.dtype == xr.grad.dtype == A.grad.dtype == torch.float32
+        grads[cd] = (y.detach(), xr.grad, A.grad, B.grad)
+    for a, b in zip(grads[None], grads[torch.float16]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
