@@ -198,7 +198,7 @@ def report(res: dict[str, list[tuple]], cfg: str, reps: int, out: Path = RESULTS
             f"events during one step (torch profiler), measured the same way for every setup.\n\n{st}\n\n{cp}\n")
     if plot is not None:
         rows = [r for r in res["step"] if not r[0].startswith("peft+bnb ") or " bf16 " in r[0]]
-        bar_plot(plot, "training step vs peft+bnb fp32 (same plan), 1 thread (lower is better)",
+        bar_plot(plot, "step vs peft+bnb fp32, same plan, 1 thread (lower is better)",
                  [f"{r[0]} time" for r in rows] + [f"{r[0]} peak mem" for r in rows],
                  [r[3] for r in rows] + [r[6] for r in rows], target=0.9, xlabel="ratio to peft+bnb")
         body += f"\n![cpu_train]({plot.name})\n"
