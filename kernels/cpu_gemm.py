@@ -110,8 +110,7 @@ def _dequant_tile(qw: QuantizedWeight, scales: Tensor, r0: int, r1: int, c0: int
     out = ws.tile[: rows * cols].view(rows, cols)
     packed = qw.packed.reshape(n_rows, k // 2)[:, c0 // 2: c1 // 2]
     scales = scales.view(n_rows, k // bs)[:, c0 // bs: c1 // bs].unsqueeze(-1)
-    table = reference._on(f"pairs64_{qw.format}", reference._PAIRS[qw.format].view(torch.float64).view(-1),
-                          qw.packed.device)
+    table = reference.pair_table64(qw.format, qw.packed.device)
     step = max(1, min(rows, L2_ELEMS // cols))
     for s0 in range(r0, r1, step):
         s1 = min(r1, s0 + step)
@@ -195,17 +194,9 @@ def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dt
 def qlora_forward(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | None, lora_A: Tensor | None,
                   lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
                   compute: torch.dtype | None = None) -> Tensor:
-    """:func:`reference.qlora_forward_ref`, fast: x ``[..., K]`` -> ``[..., N]`` in x.dtype."""
-    k = x.shape[-1]
-    acc = reference.compute_dtype(x)
-    x2 = x.reshape(-1, k)
-    y = base_forward(x2, weight, gemm_dtype(x, compute)).to(acc)
-    if bias is not None:
-        y = y + bias.to(acc)
-    if lora_A is not None and lora_B is not None:
-        xl = x2.to(acc) if x_lora is None else x_lora.reshape(-1, k).to(acc)
-        y = y.addmm_(xl @ lora_A.to(acc).t(), lora_B.to(acc).t(), alpha=scaling)
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    """:func:`reference.qlora_forward_ref` with the tiled :func:`base_forward` in :func:`gemm_dtype`."""
+    return reference.qlora_forward_ref(x, weight, bias, lora_A, lora_B, scaling, x_lora, gemm_dtype(x, compute),
+                                       base=base_forward)
 
 
 def qlora_backward(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, lora_A: Tensor | None,
@@ -213,30 +204,6 @@ def qlora_backward(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, lora
                    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
                    compute: torch.dtype | None = None,
                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """:func:`reference.qlora_backward_ref`, fast: ``(dx, dx_lora, dA, dB)``."""
-    k = x.shape[-1]
-    acc = reference.compute_dtype(x)
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    has_lora = lora_A is not None and lora_B is not None
-    need_dx, need_dxl, need_dA, need_dB = needs
-    dx = dx_lora = dA = dB = None
-    lora_dx = None
-    if has_lora:
-        dya = dy2.to(acc)
-        A, B = lora_A.to(acc), lora_B.to(acc)
-        xl = (x if x_lora is None else x_lora).reshape(-1, k).to(acc)
-        dyB = dya @ B  # [M, r]
-        if need_dA:
-            dA = torch.mm(dyB.t(), xl).mul_(scaling).to(lora_A.dtype)
-        if need_dB:
-            dB = torch.mm(dya.t(), xl @ A.t()).mul_(scaling).to(lora_B.dtype)
-        if (need_dx and x_lora is None) or (need_dxl and x_lora is not None):
-            lora_dx = torch.mm(dyB, A).mul_(scaling)
-    if need_dx:
-        dx = base_backward(dy2, weight, gemm_dtype(x, compute)).to(acc)
-        if lora_dx is not None and x_lora is None:
-            dx = dx.add_(lora_dx)
-        dx = dx.to(x.dtype).reshape(x.shape)
-    if has_lora and x_lora is not None and need_dxl:
-        dx_lora = lora_dx.to(x_lora.dtype).reshape(x_lora.shape)
-    return dx, dx_lora, dA, dB
+    """:func:`reference.qlora_backward_ref` with the tiled :func:`base_backward`: ``(dx, dx_lora, dA, dB)``."""
+    return reference.qlora_backward_ref(dy, x, weight, lora_A, lora_B, scaling, x_lora, needs,
+                                        gemm_dtype(x, compute), base_grad=base_backward)

@@ -23,7 +23,7 @@ fast CPU path that ``peftfx::qlora_linear`` runs, checked against it.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +51,11 @@ def _pair_table(code: Tensor) -> Tensor:
 
 
 _PAIRS = {"nf4": _pair_table(NF4_CODE), "fp4": _pair_table(FP4_CODE)}
+
+
+def pair_table64(format: str, device: torch.device) -> Tensor:
+    """``[256]`` float64 view of the byte -> (hi, lo) table: one 8-byte lookup yields both fp32 values."""
+    return _on(f"pairs64_{format}", _PAIRS[format].view(torch.float64).view(-1), device)
 
 
 def _bounds(code: Tensor) -> tuple[Tensor, Tensor]:
@@ -308,7 +313,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, block_size: int, n: int, for
     then an in-place multiply by the block scales, chunk by chunk.
     """
     dev = packed.device
-    table = _on(f"pairs64_{format}", _PAIRS[format].view(torch.float64).view(-1), dev)
+    table = pair_table64(format, dev)
     packed = packed.reshape(-1)
     nbytes = packed.numel()
     if out is None:
@@ -446,30 +451,34 @@ def _base_grad(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype
 
 def qlora_forward_ref(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | None, lora_A: Tensor | None,
                       lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
-                      compute: torch.dtype | None = None) -> Tensor:
+                      compute: torch.dtype | None = None, *, base: Callable = _base_product) -> Tensor:
     """``y = x @ deq(W).T + b + s * (xl @ A.T) @ B.T`` for x ``[..., in]``; returns ``[..., out]`` in x.dtype.
 
-    The base product runs in ``compute`` (default: :func:`compute_dtype`); LoRA, bias and the sum in
-    :func:`compute_dtype`. The plain oracle: :mod:`peftfx.kernels.cpu_gemm` is the fast CPU path.
+    The base product ``base(x2 [M, K], weight, dtype) -> [M, N]`` runs in ``compute`` (default:
+    :func:`compute_dtype`); LoRA, bias and the sum in :func:`compute_dtype`. With the default ``base``
+    this is the plain oracle; :mod:`peftfx.kernels.cpu_gemm` passes its tiled product.
     """
     k = x.shape[-1]
     acc = compute_dtype(x)
     x2 = x.reshape(-1, k)
-    y = _base_product(x2, weight, compute or acc).to(acc)
+    y = base(x2, weight, compute or acc).to(acc)
     if bias is not None:
         y = y + bias.to(acc)
     if lora_A is not None and lora_B is not None:
         xl = (x2 if x_lora is None else x_lora.reshape(-1, k)).to(acc)
-        y = y + scaling * ((xl @ lora_A.to(acc).t()) @ lora_B.to(acc).t())
+        y = y.addmm_(xl @ lora_A.to(acc).t(), lora_B.to(acc).t(), alpha=scaling)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def qlora_backward_ref(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, lora_A: Tensor | None,
                        lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
                        needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-                       compute: torch.dtype | None = None,
+                       compute: torch.dtype | None = None, *, base_grad: Callable = _base_grad,
                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dx_lora, dA, dB)``; ``dx_lora`` is None when ``x_lora`` is None (its term is folded into dx)."""
+    """``(dx, dx_lora, dA, dB)``; ``dx_lora`` is None when ``x_lora`` is None (its term is folded into dx).
+
+    ``base_grad(dy2 [M, N], weight, dtype) -> [M, K]`` is ``dy2 @ deq(W)`` (see :func:`qlora_forward_ref`).
+    """
     k = x.shape[-1]
     acc = compute_dtype(x)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(acc)
@@ -481,12 +490,13 @@ def qlora_backward_ref(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, 
         xl = (x if x_lora is None else x_lora).reshape(-1, k).to(acc)
         dyB = dy2 @ B  # [M, r]
         if need_dA:
-            dA = (scaling * (dyB.t() @ xl)).to(lora_A.dtype)
+            dA = torch.mm(dyB.t(), xl).mul_(scaling).to(lora_A.dtype)
         if need_dB:
-            dB = (scaling * (dy2.t() @ (xl @ A.t()))).to(lora_B.dtype)
-        lora_dx = scaling * (dyB @ A) if (need_dx and x_lora is None) or (need_dxl and x_lora is not None) else None
+            dB = torch.mm(dy2.t(), xl @ A.t()).mul_(scaling).to(lora_B.dtype)
+        lora_dx = torch.mm(dyB, A).mul_(scaling) if (need_dx and x_lora is None) or (need_dxl and x_lora is not None) \
+            else None
     if need_dx:
-        dx = _base_grad(dy2, weight, compute or acc).to(acc)
+        dx = base_grad(dy2, weight, compute or acc).to(acc)
         if has_lora and x_lora is None:
             dx = dx + lora_dx
         dx = dx.to(x.dtype).reshape(x.shape)
