@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from peftfx.errors import KernelError
 from peftfx.kernels import reference
 from peftfx.kernels.formats import QuantizedWeight
 
@@ -41,6 +42,7 @@ L2_ELEMS = 1 << 18
 GEMV_ROWS = 16
 
 _FAST_BF16: dict[str, bool] = {}
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def fast_bf16(device: torch.device | str = "cpu") -> bool:
@@ -64,7 +66,9 @@ def resolve_compute_dtype(spec: str | torch.dtype | None, device: torch.device |
         return spec
     if spec == "auto":
         return torch.bfloat16 if fast_bf16(device) else None
-    return getattr(torch, spec)
+    if spec not in COMPUTE_DTYPES:
+        raise KernelError(f"compute_dtype {spec!r}: expected None, 'auto' or one of {list(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[spec]
 
 
 def gemm_dtype(x: Tensor, requested: torch.dtype | None = None) -> torch.dtype:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from peftfx.errors import KernelError
 from peftfx.kernels import ops
-from peftfx.kernels.cpu_gemm import resolve_compute_dtype
+from peftfx.kernels.cpu_gemm import COMPUTE_DTYPES, resolve_compute_dtype
 from peftfx.kernels.formats import QuantizedWeight, layer_prefix
 
 __all__ = ["QLoRALinear", "LoRALinear"]
@@ -52,9 +52,9 @@ class QLoRALinear(nn.Module):
         self.name = name
         if isinstance(compute_dtype, torch.dtype):
             compute_dtype = str(compute_dtype).removeprefix("torch.")
-        if compute_dtype not in (None, "auto", "float32", "float16", "bfloat16"):
-            raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None, 'auto', 'float32', "
-                              f"'float16' or 'bfloat16'")
+        if compute_dtype not in (None, "auto", *COMPUTE_DTYPES):
+            raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None, 'auto' or one of "
+                              f"{list(COMPUTE_DTYPES)}")
         self.compute_dtype = compute_dtype
         if isinstance(weight, QuantizedWeight):
             weight.validate(name)

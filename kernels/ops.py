@@ -52,8 +52,13 @@ def _weight_of(packed, scales, scales2, offset, format, block_size, block_size2,
                            block_size2, dtype, threshold)
 
 
-def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_lora, name=None) -> None:
+def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_lora, name=None,
+           compute_dtype=None) -> None:
     where = layer_prefix(name)
+    if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype)
+                                      or compute_dtype not in cpu_gemm.COMPUTE_DTYPES.values()):
+        raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None or one of "
+                          f"{list(cpu_gemm.COMPUTE_DTYPES.values())}")
     if isinstance(weight, QuantizedWeight):
         weight.validate(name)
         out_f, in_f = weight.shape
@@ -226,7 +231,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | Non
         >>> qlora_linear(torch.randn(2, 3, 16), qw, None, A, B, 2.0).shape
         torch.Size([2, 3, 32])
     """
-    _check(x, weight, bias, lora_A, lora_B, x_lora, name)
+    _check(x, weight, bias, lora_A, lora_B, x_lora, name, compute_dtype)
     if isinstance(weight, QuantizedWeight):
         return torch.ops.peftfx.qlora_linear(
             x, weight.packed, weight.scales, weight.scales2, weight.offset, bias, lora_A, lora_B, x_lora,

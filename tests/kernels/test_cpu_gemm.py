@@ -105,3 +105,13 @@ def test_module_rejects_unknown_compute_dtype():
     qw = R.quantize(torch.randn(16, 64), "nf4")
     with pytest.raises(KernelError, match="compute_dtype 'int8'"):
         QLoRALinear(qw, None, r=None, name="model.q", compute_dtype="int8")
+
+
+def test_bad_compute_dtypes_raise_kernel_errors_naming_the_value():
+    from peftfx.kernels import ops
+
+    with pytest.raises(KernelError, match="compute_dtype 'float8'"):
+        G.resolve_compute_dtype("float8", "cpu")
+    qw = R.quantize(torch.randn(16, 64), "nf4")
+    with pytest.raises(KernelError, match="layer 'model.q': compute_dtype torch.int8"):
+        ops.qlora_linear(torch.randn(2, 64), qw, None, None, None, 0.0, name="model.q", compute_dtype=torch.int8)
