@@ -71,6 +71,16 @@ def _configs() -> list[triton.Config]:
 _KEY = ["M_KEY", "N", "K", "FORMAT", "IEEE"]
 
 
+@triton.jit
+def _grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped launch order (Triton tutorial 03):
+    GROUP_M row tiles sweep each column tile together, so programs sharing W tiles run close in time
+    and hit L2."""
+    first_m = (pid // (GROUP_M * num_other)) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_other)) % size_m, (pid % (GROUP_M * num_other)) // size_m
+
+
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _qlora_forward_kernel(
@@ -88,15 +98,7 @@ def _qlora_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[BLOCK_M, BLOCK_N] = x·deq(W)ᵀ + b + s·xa·Bᵀ, W tiles dequantized in registers."""
-    # grouped launch order (Triton tutorial 03): programs sharing W columns run together for L2 reuse
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,14 +167,7 @@ def _qlora_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx[BLOCK_M, BLOCK_K] = dy·deq(W) (+ s·(dy·B)·A); the reduction runs over N in BLOCK_N steps."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_M * num_k)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
-    pid_k = (pid % (GROUP_M * num_k)) // size_m
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
