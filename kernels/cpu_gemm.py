@@ -145,23 +145,25 @@ def _col_tile(n: int, k: int, bs: int, elems: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------- GEMMs
+def _tiled_dtype(m: int, dtype: torch.dtype) -> torch.dtype:
+    # a bf16 GEMV is slower than fp32 on CPUs (no AMX tile to fill): decode-shaped calls stay fp32
+    return torch.float32 if m <= GEMV_ROWS and dtype == torch.bfloat16 else dtype
+
+
 def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
     """``x2 @ deq(W).T`` in ``dtype``: x2 ``[M, K]`` -> ``[M, N]`` (``dtype``; fp32 for M <= GEMV_ROWS)."""
-    xc = x2.to(dtype)
-    if isinstance(weight, Tensor):
-        return xc @ weight.to(dtype).t()
-    if weight.format == "llm-int8":
-        return reference.llm_int8_matmul(x2.float() if x2.dtype != torch.float64 else x2, weight).to(dtype)
+    if isinstance(weight, Tensor) or weight.format == "llm-int8":
+        return reference.base_product(x2, weight, dtype)  # nothing to dequantize in tiles
     n, k = weight.shape
     m = x2.shape[0]
-    scales = reference.decode_scales(weight)
-    if m <= GEMV_ROWS and dtype == torch.bfloat16:
-        dtype, xc = torch.float32, x2.float()  # a bf16 GEMV is slower than fp32 on CPUs: no AMX tile to fill
+    dtype = _tiled_dtype(m, dtype)
+    xc = x2.to(dtype)
     y = xc.new_empty(m, n)
     if not _tiles_fit(weight):
         for r0, r1, w in reference.iter_dequantized_rows(weight, dtype, _tile_elems(m), reuse=True):
             torch.mm(xc, w.t(), out=y[:, r0:r1])
         return y
+    scales = reference.decode_scales(weight)
     rows = _row_tile(n, k, _tile_elems(m))
     ws = _Workspace(rows * k, dtype, x2.device)
     for r0 in range(0, n, rows):
@@ -171,14 +173,13 @@ def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtyp
 
 
 def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
-    """``dy2 @ deq(W)`` in ``dtype``: dy2 ``[M, N]`` -> ``[M, K]`` (``dtype``)."""
-    dyc = dy2.to(dtype)
+    """``dy2 @ deq(W)`` in ``dtype``: dy2 ``[M, N]`` -> ``[M, K]`` (``dtype``; fp32 for M <= GEMV_ROWS)."""
     if isinstance(weight, Tensor):
-        return dyc @ weight.to(dtype)
+        return reference.base_grad(dy2, weight, dtype)
     n, k = weight.shape
     m = dy2.shape[0]
-    if m <= GEMV_ROWS and dtype == torch.bfloat16:
-        dtype, dyc = torch.float32, dy2.float()  # as in base_forward
+    dtype = _tiled_dtype(m, dtype)
+    dyc = dy2.to(dtype)
     if not _tiles_fit(weight):
         dx = None
         for r0, r1, w in reference.iter_dequantized_rows(weight, dtype, _tile_elems(m), reuse=True):

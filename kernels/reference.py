@@ -36,7 +36,8 @@ from peftfx.kernels.formats import (
 __all__ = [
     "quantize", "dequantize", "quantize_4bit", "dequantize_4bit", "quantize_int8", "quantize_int8_zeropoint",
     "quantize_llm_int8", "quantize_blockwise_8bit", "decode_scales", "iter_dequantized_rows",
-    "llm_int8_matmul", "qlora_forward_ref", "qlora_backward_ref", "compute_dtype",
+    "llm_int8_matmul", "base_product", "base_grad", "qlora_forward_ref", "qlora_backward_ref", "compute_dtype",
+    "pair_table64",
 ]
 
 # Rows of deq(W) materialized at once in the fused reference (fp32 elements).
@@ -435,7 +436,7 @@ def llm_int8_matmul(x: Tensor, qw: QuantizedWeight) -> Tensor:
     return y
 
 
-def _base_product(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
+def base_product(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
     """``x2 @ deq(W).T`` with both operands rounded to ``dtype`` (fp32 accumulation where BLAS does it)."""
     if isinstance(weight, Tensor):
         return x2.to(dtype) @ weight.to(dtype).t()
@@ -444,14 +445,15 @@ def _base_product(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dty
     return x2.to(dtype) @ dequantize(weight, torch.float32).to(dtype).t()
 
 
-def _base_grad(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
+def base_grad(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
+    """``dy2 @ deq(W)`` with both operands rounded to ``dtype``."""
     w = weight if isinstance(weight, Tensor) else dequantize(weight, torch.float32)
     return dy2.to(dtype) @ w.to(dtype)
 
 
 def qlora_forward_ref(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | None, lora_A: Tensor | None,
                       lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
-                      compute: torch.dtype | None = None, *, base: Callable = _base_product) -> Tensor:
+                      compute: torch.dtype | None = None, *, base: Callable = base_product) -> Tensor:
     """``y = x @ deq(W).T + b + s * (xl @ A.T) @ B.T`` for x ``[..., in]``; returns ``[..., out]`` in x.dtype.
 
     The base product ``base(x2 [M, K], weight, dtype) -> [M, N]`` runs in ``compute`` (default:
@@ -473,7 +475,7 @@ def qlora_forward_ref(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor 
 def qlora_backward_ref(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, lora_A: Tensor | None,
                        lora_B: Tensor | None, scaling: float, x_lora: Tensor | None = None,
                        needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-                       compute: torch.dtype | None = None, *, base_grad: Callable = _base_grad,
+                       compute: torch.dtype | None = None, *, base_grad: Callable = base_grad,
                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dx_lora, dA, dB)``; ``dx_lora`` is None when ``x_lora`` is None (its term is folded into dx).
 
