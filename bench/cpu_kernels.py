@@ -32,9 +32,11 @@ def _contenders(w: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
-    from peftfx.kernels import ops, reference
+    from peftfx.kernels import ops
 
-    qw = reference.quantize(w, "nf4", block_size=64, double_quant=True)
+    from peftfx.kernels import quantizer
+
+    qw = quantizer.quantize(w, "nf4", block_size=64, double_quant=True)
     q, st = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     q16, st16 = bnbF.quantize_4bit(w.bfloat16(), blocksize=64, quant_type="nf4", compress_statistics=True)
     rows: dict[str, dict[str, Callable[[], object]]] = {
@@ -42,7 +44,7 @@ def _contenders(w: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
                             "bitsandbytes": lambda: bnbF.dequantize_4bit(q, st)},
         "dequantize bf16": {"peftfx": lambda: ops.dequantize(qw, torch.bfloat16),
                             "bitsandbytes": lambda: bnbF.dequantize_4bit(q16, st16)},
-        "quantize": {"peftfx": lambda: reference.quantize(w, "nf4", block_size=64, double_quant=True),
+        "quantize": {"peftfx": lambda: quantizer.quantize(w, "nf4", block_size=64, double_quant=True),
                      "bitsandbytes": lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                                                 compress_statistics=True)},
     }

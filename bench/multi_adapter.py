@@ -97,7 +97,7 @@ def main() -> None:
     rows = [("mixed batch (adapter_ids)", t_mixed), (f"loop over {len(groups)} adapters", t_loop),
             ("base only (ids = -1)", t_base)]
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
-               f"torch {torch.__version__}, kernels: {peftfx.kernels.multi_lora.backend_for(inputs['input_ids'])}")
+               f"torch {torch.__version__}, kernels: {peftfx.kernels.backend.backend_for(inputs['input_ids'])}")
     setup = (f"Llama hidden {args.hidden}, {args.layers} layers, NF4 base on all linears, adapters "
              f"{', '.join(f'{n} r={r}' for n, r in RANKS.items())}; batch {args.batch} x seq {args.seq}, "
              f"{args.batch // len(names)} rows per adapter; median of {args.reps}")
@@ -113,6 +113,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import peftfx.kernels.multi_lora  # noqa: F401  (backend_for in the report)
+    import peftfx.kernels.backend  # noqa: F401  (backend_for in the report)
 
     main()

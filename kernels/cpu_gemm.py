@@ -4,7 +4,7 @@
 one CPU core, in two ways:
 
 * **Compute dtype.** The base GEMM runs in ``gemm_dtype``: what the plan asked for
-  (``quant.compute_dtype``, ``"auto"`` resolved by :func:`resolve_compute_dtype`), else the input's
+  (``quant.compute_dtype``, ``"auto"`` resolved by :func:`peftfx.kernels.dtypes.resolve_compute_dtype`), else the input's
   dtype (half inputs in fp32 where the CPU has no bf16 GEMM units). On a CPU with AMX-BF16 a bf16 GEMM
   runs ~8x faster than fp32 (measured 1,100 vs 142 GFLOP/s on one Sapphire Rapids core), which is
   bitsandbytes' ``bnb_4bit_compute_dtype=bfloat16``. The LoRA term, the bias and the output stay in
@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftfx.errors import KernelError
 from peftfx.kernels import reference
+from peftfx.kernels.dtypes import gemm_dtype
 from peftfx.kernels.formats import QuantizedWeight
 
-__all__ = ["TILE_ELEMS", "fast_bf16", "resolve_compute_dtype", "gemm_dtype", "base_forward", "base_backward",
+__all__ = ["TILE_ELEMS", "base_forward", "base_backward",
            "qlora_forward", "qlora_backward"]
 
 # Elements of deq(W) per tile. Decode-shaped calls (M <= GEMV_ROWS) are bound by the dequantization:
@@ -40,45 +40,6 @@ GEMM_TILE_ELEMS = 1 << 21
 # values stay in L2 from the lookup through the scale multiply and cast.
 L2_ELEMS = 1 << 18
 GEMV_ROWS = 16
-
-_FAST_BF16: dict[str, bool] = {}
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def fast_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` runs bf16 GEMMs faster than fp32 (CPU: AMX-BF16 or AVX512-BF16; CUDA: sm80+)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if dev.type != "cpu":
-        return False
-    if "cpu" not in _FAST_BF16:
-        cpu = getattr(torch, "cpu", None)
-        checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        _FAST_BF16["cpu"] = torch.backends.mkldnn.is_available() and any(c is not None and c() for c in checks)
-    return _FAST_BF16["cpu"]
-
-
-def resolve_compute_dtype(spec: str | torch.dtype | None, device: torch.device | str) -> torch.dtype | None:
-    """A plan's ``quant.compute_dtype`` as a dtype for ``device``: ``"auto"`` is bf16 where
-    :func:`fast_bf16` holds and None (the input's dtype) elsewhere."""
-    if spec is None or isinstance(spec, torch.dtype):
-        return spec
-    if spec == "auto":
-        return torch.bfloat16 if fast_bf16(device) else None
-    if spec not in COMPUTE_DTYPES:
-        raise KernelError(f"compute_dtype {spec!r}: expected None, 'auto' or one of {list(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[spec]
-
-
-def gemm_dtype(x: Tensor, requested: torch.dtype | None = None) -> torch.dtype:
-    """dtype of the base GEMM for input ``x``: ``requested``, else x's dtype where it is fast."""
-    if requested is not None:
-        return requested
-    if x.dtype == torch.bfloat16 and fast_bf16(x.device):
-        return torch.bfloat16
-    return reference.compute_dtype(x)
-
 
 # --------------------------------------------------------------------------------------- tiled deq
 def _tiles_fit(weight: QuantizedWeight) -> bool:

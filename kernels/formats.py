@@ -25,7 +25,7 @@ from torch import Tensor
 from peftfx.errors import KernelError
 
 __all__ = ["NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "FORMATS", "QuantizedWeight", "code_for", "layer_prefix",
-           "check_block_size", "n_blocks_for"]
+           "check_block_size", "n_blocks_for", "table_on"]
 
 FORMATS = ("none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
 
@@ -63,6 +63,19 @@ DYNAMIC_CODE = _dynamic_map()
 
 _BYTES_DTYPE = {"nf4": torch.uint8, "fp4": torch.uint8, "int8": torch.int8,
                 "int8-zeropoint": torch.uint8, "llm-int8": torch.int8}
+
+
+_device_tables: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def table_on(name: str, t: Tensor, device: torch.device) -> Tensor:
+    """Constant table ``t`` on ``device``, copied there once and cached under ``name`` (CPU: ``t`` itself)."""
+    if device.type == "cpu":
+        return t
+    key = (name, device)
+    if key not in _device_tables:
+        _device_tables[key] = t.to(device)
+    return _device_tables[key]
 
 
 def code_for(format: str) -> Tensor:

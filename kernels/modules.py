@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from peftfx.errors import KernelError
 from peftfx.kernels import ops
-from peftfx.kernels.cpu_gemm import COMPUTE_DTYPES, resolve_compute_dtype
+from peftfx.kernels.dtypes import check_compute_dtype, resolve_compute_dtype
 from peftfx.kernels.formats import QuantizedWeight, layer_prefix
 
 __all__ = ["QLoRALinear", "LoRALinear"]
@@ -38,7 +38,7 @@ class QLoRALinear(nn.Module):
 
     Example::
 
-        >>> from peftfx.kernels.reference import quantize
+        >>> from peftfx.kernels.quantizer import quantize
         >>> m = QLoRALinear(quantize(torch.randn(32, 16), "nf4"), None, r=4, alpha=8)
         >>> m(torch.randn(2, 16)).shape
         torch.Size([2, 32])
@@ -50,11 +50,9 @@ class QLoRALinear(nn.Module):
         super().__init__()
         where = layer_prefix(name)
         self.name = name
+        check_compute_dtype(compute_dtype, where)
         if isinstance(compute_dtype, torch.dtype):
             compute_dtype = str(compute_dtype).removeprefix("torch.")
-        if compute_dtype not in (None, "auto", *COMPUTE_DTYPES):
-            raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None, 'auto' or one of "
-                              f"{list(COMPUTE_DTYPES)}")
         self.compute_dtype = compute_dtype
         if isinstance(weight, QuantizedWeight):
             weight.validate(name)

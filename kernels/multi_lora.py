@@ -17,7 +17,7 @@ Pieces:
 - ``peftfx::multi_lora``: a ``torch.library`` custom op with ``register_fake`` (shape) and
   ``register_autograd`` (grads for x, A and B; the backward is the reference math with index_add
   scatters), dispatched by :func:`backend_for`: CUDA -> Triton (``multi_lora_triton``), CPU ->
-  reference; ``PEFTFX_KERNELS=triton|reference`` forces either (Triton on CPU needs
+  the PyTorch path (for both the ``cpu`` and ``reference`` backends); ``PEFTFX_KERNELS`` forces one (Triton on CPU needs
   ``TRITON_INTERPRET=1`` set before triton is imported).
 - :class:`MultiLoRALinear`: the module ``compile_multi`` swaps in (frozen base + stacked adapters).
 """
@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from peftfx.errors import KernelError
-from peftfx.kernels.ops import backend_for  # one backend switch for every op
+from peftfx.kernels.backend import backend_for  # one backend switch for every op
+from peftfx.kernels.dtypes import accumulate_dtype
 
-__all__ = ["multi_lora_ref", "multi_lora", "backend_for", "MultiLoRALinear"]
+__all__ = ["multi_lora_ref", "multi_lora", "MultiLoRALinear"]
 
 
 def _gather(ids: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor):
@@ -40,11 +41,6 @@ def _gather(ids: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor):
     return lora_A.index_select(0, slots), lora_B.index_select(0, slots), s_g, slots
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # bf16/fp16 matmuls are several times slower than fp32 on CPUs without AMX: compute in fp32 there
-    return torch.float32 if x.device.type == "cpu" else x.dtype
-
-
 def multi_lora_ref(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor) -> Tensor:
     """``delta [B, T, N]`` = per-row ``s·(x·Aᵀ)·Bᵀ`` of adapter ``ids[b]`` (zero for ``-1``).
 
@@ -52,7 +48,7 @@ def multi_lora_ref(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         x: ``[B, T, K]``. ids: ``[B]`` int64 in ``[-1, n)``. lora_A: ``[n, R, K]``.
         lora_B: ``[n, N, R]``. scalings: ``[n]`` float.
     """
-    dt = _compute_dtype(x)
+    dt = accumulate_dtype(x)
     a_g, b_g, s_g, _ = _gather(ids, lora_A.to(dt), lora_B.to(dt), scalings.to(dt))
     xa = torch.bmm(x.to(dt), a_g.transpose(1, 2))  # [B, T, R]
     return (torch.bmm(xa, b_g.transpose(1, 2)) * s_g[:, None, None]).to(x.dtype)
@@ -94,7 +90,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     """dx = s·(dy·B_g)·A_g; dA[i] = Σ_{b: id=i} s·(dy_b·B_g)ᵀ·x_b; dB[i] = Σ s·dy_bᵀ·(x_b·A_gᵀ)."""
     x, ids, lora_A, lora_B, scalings = ctx.saved_tensors
-    dt = torch.float32 if x.device.type == "cpu" else x.dtype
+    dt = accumulate_dtype(x)
     a_g, b_g, s_g, slots = _gather(ids, lora_A.to(dt), lora_B.to(dt), scalings.to(dt))
     xf, dyf = x.to(dt), dy.to(dt) * s_g[:, None, None]
     dxa = torch.bmm(dyf, b_g)  # [B, T, R]

@@ -5,15 +5,13 @@ The backward saves x (only when the LoRA grads need it) or x_lora, the LoRA fact
 weight, never deq(W): W is frozen, so dx recomputes deq(W) (in L2-sized tiles on the CPU path,
 :mod:`cpu_gemm`). ``compute_dtype`` is the base GEMM's dtype (None: the input's).
 
-Backend: ``backend_for(t)`` reads ``PEFTFX_KERNELS`` (``triton`` | ``reference``) on every call;
-unset, CUDA tensors go to Triton when it imports, everything else to :mod:`cpu_gemm` (the fast CPU
-path, checked against :mod:`reference`). The Triton
-modules are imported lazily so this file works without them.
+Backend: :func:`peftfx.kernels.backend.backend_for` picks ``cpu`` (:mod:`cpu_gemm`), ``triton`` or
+``reference`` (the oracle) per call. The Triton modules are imported lazily so this file works without
+them.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -21,27 +19,11 @@ from torch import Tensor
 
 from peftfx.errors import KernelError
 from peftfx.kernels import cpu_gemm, reference
+from peftfx.kernels.backend import backend_for
+from peftfx.kernels.dtypes import COMPUTE_DTYPES, gemm_dtype
 from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
 
 __all__ = ["qlora_linear", "dequantize", "backend_for"]
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def backend_for(t: Tensor) -> str:
-    """``"triton"`` or ``"reference"`` for tensor ``t`` (``PEFTFX_KERNELS`` forces either)."""
-    forced = os.environ.get("PEFTFX_KERNELS", "").strip().lower()
-    if forced in ("triton", "reference"):
-        return forced
-    if forced:
-        raise KernelError(f"PEFTFX_KERNELS={forced!r}; expected 'triton' or 'reference'")
-    return "triton" if t.device.type == "cuda" and _triton_importable() else "reference"
 
 
 def _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
@@ -56,9 +38,9 @@ def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_
            compute_dtype=None) -> None:
     where = layer_prefix(name)
     if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype)
-                                      or compute_dtype not in cpu_gemm.COMPUTE_DTYPES.values()):
+                                      or compute_dtype not in COMPUTE_DTYPES.values()):
         raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None or one of "
-                          f"{list(cpu_gemm.COMPUTE_DTYPES.values())}")
+                          f"{list(COMPUTE_DTYPES.values())}")
     if isinstance(weight, QuantizedWeight):
         weight.validate(name)
         out_f, in_f = weight.shape
@@ -110,6 +92,9 @@ def _qlora_linear_op(
         y = qlora_triton.qlora_forward_triton(x.reshape(-1, k).to(cd), w, _to(bias, cd), _to(lora_A, cd),
                                               _to(lora_B, cd), scaling, xl)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    if backend_for(x) == "reference":
+        return reference.qlora_forward_ref(x, w, bias, lora_A, lora_B, scaling, x_lora,
+                                           gemm_dtype(x, compute_dtype))
     return cpu_gemm.qlora_forward(x, w, bias, lora_A, lora_B, scaling, x_lora, compute_dtype)
 
 
@@ -144,6 +129,9 @@ def _qlora_linear_backward_op(
         dxl = None if dxl is None else dxl.to(x.dtype).reshape(x.shape)
         dA = None if dA is None else dA.to(lora_A.dtype)
         dB = None if dB is None else dB.to(lora_B.dtype)
+    elif backend_for(x) == "reference":
+        dx, dxl, dA, dB = reference.qlora_backward_ref(dy, x, w, lora_A, lora_B, scaling, x_lora, needs,
+                                                       gemm_dtype(x, compute_dtype))
     else:
         dx, dxl, dA, dB = cpu_gemm.qlora_backward(dy, x, w, lora_A, lora_B, scaling, x_lora, needs, compute_dtype)
     # a fresh empty per missing output: custom op outputs may not alias each other
@@ -226,7 +214,8 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | Non
 
     Example::
 
-        >>> qw = reference.quantize(torch.randn(32, 16), "nf4")
+        >>> from peftfx.kernels.quantizer import quantize
+        >>> qw = quantize(torch.randn(32, 16), "nf4")
         >>> A, B = torch.randn(4, 16, requires_grad=True), torch.zeros(32, 4, requires_grad=True)
         >>> qlora_linear(torch.randn(2, 3, 16), qw, None, A, B, 2.0).shape
         torch.Size([2, 3, 32])

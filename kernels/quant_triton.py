@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from peftfx.errors import KernelError
-from peftfx.kernels import formats, reference
+from peftfx.kernels import formats
+from peftfx.kernels import quantizer
 from peftfx.kernels.formats import QuantizedWeight
 
 __all__ = ["quantize_triton", "dequantize_triton", "dequant_values", "format_id", "kernel_tensors",
@@ -285,10 +286,10 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
         elif name == "dynamic":
             t = formats.DYNAMIC_CODE.float()
         elif name == "dynamic_lut":
-            t = reference._DYN_LUT
+            t = quantizer.DYNAMIC_LUT
         else:  # "<fmt>_bounds" / "<fmt>_order"
             fmt, what = name.split("_")
-            bounds, order = reference._BOUNDS[fmt]
+            bounds, order = quantizer.CODE_BOUNDS[fmt]
             t = bounds.float() if what == "bounds" else order.to(torch.int32)
         _TABLES[key] = t.to(device).contiguous()
     return _TABLES[key]

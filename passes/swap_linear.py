@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftfx.graph import attr_users, delete_attr, get_attr_value, set_submodule, stamp, unique_attr_name
-from peftfx.kernels import reference
+from peftfx.kernels import quantizer
 from peftfx.kernels.modules import QLoRALinear
 from peftfx.pass_manager import PassContext, PassResult, register_pass
 from peftfx.targets import Target, resolve_targets
@@ -50,7 +50,7 @@ def _build_dense(w: torch.Tensor, bias, target: Target) -> nn.Module:
 
 def _build_quantized(w: torch.Tensor, bias, target: Target) -> nn.Module:
     q = target.quant
-    qw = reference.quantize(
+    qw = quantizer.quantize(
         w,
         q.format,
         block_size=q.block_size,

@@ -9,7 +9,7 @@ How the estimate is made (nothing is materialized, so a 7B config runs on a lapt
 2. **The plan, applied to the twin.** Targeted linears become the real
    :class:`peftfx.kernels.modules.QLoRALinear` holding fake packed buffers whose sizes come from
    :func:`quant_storage` (the :class:`~peftfx.kernels.formats.QuantizedWeight` layout; a test checks
-   it equals ``reference.quantize(...).nbytes()``), so the custom op ``peftfx::qlora_linear`` runs
+   it equals ``quantizer.quantize(...).nbytes()``), so the custom op ``peftfx::qlora_linear`` runs
    its ``register_fake`` impl and its ``register_autograd`` saves exactly what the kernels save
    (x, the LoRA factors and the packed weight, never deq(W)). Parameters are then frozen as the
    ``freeze`` pass does (adapters, ``train_top_layers``, ``train_modules`` train).

@@ -65,11 +65,12 @@ def _dense_module(m: nn.Module, w: Tensor) -> nn.Linear:
 
 def _quantized_module(m: nn.Module, w: Tensor, fqn: str) -> tuple[nn.Module, dict[str, Any]]:
     from peftfx.kernels import reference
+    from peftfx.kernels import quantizer
     from peftfx.kernels.modules import QLoRALinear
 
     if m.format == "none":
         return _dense_module(m, w), {"layer": fqn, "format": "none", "max_abs": 0.0, "mean_abs": 0.0}
-    qw = reference.quantize(w.to(m.weight_dtype), m.format, block_size=m.block_size,
+    qw = quantizer.quantize(w.to(m.weight_dtype), m.format, block_size=m.block_size,
                             double_quant=m.weight_scales2 is not None, block_size2=m.block_size2,
                             threshold=m.threshold, name=fqn)
     new = QLoRALinear(qw, m.bias.detach().clone() if m.bias is not None else None, r=None, name=fqn,

@@ -81,7 +81,7 @@ def _target_row(gm: GraphModule, note: dict) -> dict:
     except AttributeError:
         module = None
     if module is not None and getattr(module, "weight", None) is not None:
-        from peftfx.kernels.ops import backend_for
+        from peftfx.kernels.backend import backend_for
 
         row["kernel"] = f"{note.get('kernel', type(module).__name__)} -> peftfx::qlora_linear " \
                         f"({backend_for(module.weight)})"

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from peftfx.errors import KernelError
 from peftfx.kernels import cpu_gemm as G
 from peftfx.kernels import reference as R
+from peftfx.kernels import dtypes, quantizer
 from peftfx.kernels.modules import QLoRALinear
 
 FORMATS = ["nf4", "fp4", "int8", "int8-zeropoint", "llm-int8", "none"]
@@ -18,7 +19,7 @@ def _weight(fmt: str, n: int, k: int, bs: int, dq: bool):
     w = torch.randn(n, k) * 0.3
     if fmt == "none":
         return w
-    return R.quantize(w, fmt, block_size=bs, double_quant=dq and fmt in ("nf4", "fp4"))
+    return quantizer.quantize(w, fmt, block_size=bs, double_quant=dq and fmt in ("nf4", "fp4"))
 
 
 @given(fmt=st.sampled_from(FORMATS), n=st.integers(1, 70), k_blocks=st.integers(1, 5), odd_k=st.booleans(),
@@ -57,7 +58,7 @@ def test_tiled_path_matches_oracle(fmt, n, k_blocks, odd_k, bs, m, r, dq, x_lora
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequant_tile_rounds_once(fmt, dtype):
     """A tile equals deq(W) in fp32 sliced, then rounded once to the compute dtype (as bitsandbytes does)."""
-    qw = R.quantize(torch.randn(48, 256), fmt, block_size=64, double_quant=True)
+    qw = quantizer.quantize(torch.randn(48, 256), fmt, block_size=64, double_quant=True)
     full = R.dequantize(qw, torch.float32)
     scales = R.decode_scales(qw)
     ws = G._Workspace(48 * 256, dtype, torch.device("cpu"))
@@ -68,21 +69,21 @@ def test_dequant_tile_rounds_once(fmt, dtype):
 
 
 def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
-    monkeypatch.setitem(G._FAST_BF16, "cpu", True)
-    assert G.resolve_compute_dtype("auto", "cpu") == torch.bfloat16
-    assert G.gemm_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16
-    monkeypatch.setitem(G._FAST_BF16, "cpu", False)
-    assert G.resolve_compute_dtype("auto", "cpu") is None
-    assert G.gemm_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.float32  # slow bf16 units: fp32
-    assert G.resolve_compute_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert G.resolve_compute_dtype(None, "cpu") is None
-    assert G.gemm_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
-    assert G.gemm_dtype(torch.zeros(1), torch.bfloat16) == torch.bfloat16
+    monkeypatch.setitem(dtypes._FAST_BF16, "cpu", True)
+    assert dtypes.resolve_compute_dtype("auto", "cpu") == torch.bfloat16
+    assert dtypes.gemm_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16
+    monkeypatch.setitem(dtypes._FAST_BF16, "cpu", False)
+    assert dtypes.resolve_compute_dtype("auto", "cpu") is None
+    assert dtypes.gemm_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.float32  # slow bf16 units: fp32
+    assert dtypes.resolve_compute_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert dtypes.resolve_compute_dtype(None, "cpu") is None
+    assert dtypes.gemm_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
+    assert dtypes.gemm_dtype(torch.zeros(1), torch.bfloat16) == torch.bfloat16
 
 
 def test_module_compute_dtype_rounds_only_the_base_product():
     torch.manual_seed(0)
-    qw = R.quantize(torch.randn(96, 128), "nf4", block_size=64, double_quant=True)
+    qw = quantizer.quantize(torch.randn(96, 128), "nf4", block_size=64, double_quant=True)
     x = torch.randn(32, 128, requires_grad=True)  # above GEMV_ROWS: decode shapes compute in fp32
     fp32 = QLoRALinear(qw, None, r=4, alpha=8)
     bf16 = QLoRALinear(qw, None, r=4, alpha=8, compute_dtype=torch.bfloat16)
@@ -102,7 +103,7 @@ def test_module_compute_dtype_rounds_only_the_base_product():
 
 
 def test_module_rejects_unknown_compute_dtype():
-    qw = R.quantize(torch.randn(16, 64), "nf4")
+    qw = quantizer.quantize(torch.randn(16, 64), "nf4")
     with pytest.raises(KernelError, match="compute_dtype 'int8'"):
         QLoRALinear(qw, None, r=None, name="model.q", compute_dtype="int8")
 
@@ -111,7 +112,7 @@ def test_bad_compute_dtypes_raise_kernel_errors_naming_the_value():
     from peftfx.kernels import ops
 
     with pytest.raises(KernelError, match="compute_dtype 'float8'"):
-        G.resolve_compute_dtype("float8", "cpu")
-    qw = R.quantize(torch.randn(16, 64), "nf4")
+        dtypes.resolve_compute_dtype("float8", "cpu")
+    qw = quantizer.quantize(torch.randn(16, 64), "nf4")
     with pytest.raises(KernelError, match="layer 'model.q': compute_dtype torch.int8"):
         ops.qlora_linear(torch.randn(2, 64), qw, None, None, None, 0.0, name="model.q", compute_dtype=torch.int8)

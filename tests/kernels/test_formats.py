@@ -5,7 +5,7 @@ import torch
 
 from peftfx.errors import KernelError
 from peftfx.kernels.formats import FORMATS, FP4_CODE, NF4_CODE, QuantizedWeight
-from peftfx.kernels.reference import quantize
+from peftfx.kernels.quantizer import quantize
 
 
 def test_codebooks_match_bitsandbytes():

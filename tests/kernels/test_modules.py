@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from peftfx.errors import KernelError
-from peftfx.kernels import reference as R
+from peftfx.kernels import quantizer
 from peftfx.kernels.modules import LoRALinear, QLoRALinear
 
 FMTS = ["nf4", "fp4", "int8", "int8-zeropoint", "llm-int8"]
@@ -15,18 +15,18 @@ FMTS = ["nf4", "fp4", "int8", "int8-zeropoint", "llm-int8"]
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
-    monkeypatch.setenv("PEFTFX_KERNELS", "reference")
+    monkeypatch.setenv("PEFTFX_KERNELS", "cpu")
 
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_state_dict_holds_packed_bytes(fmt):
-    m = QLoRALinear(R.quantize(torch.randn(16, 48), fmt, block_size=32, double_quant=fmt == "nf4"),
+    m = QLoRALinear(quantizer.quantize(torch.randn(16, 48), fmt, block_size=32, double_quant=fmt == "nf4"),
                     torch.randn(16), r=4, alpha=8)
     sd = m.state_dict()
     assert sd["weight"].dtype in (torch.uint8, torch.int8)
     assert set(n for n, _ in m.named_parameters()) == {"lora_A", "lora_B"}
     assert sd["lora_A"].shape == (4, 48) and sd["lora_B"].shape == (16, 4)
-    m2 = QLoRALinear(R.quantize(torch.randn(16, 48), fmt, block_size=32, double_quant=fmt == "nf4"),
+    m2 = QLoRALinear(quantizer.quantize(torch.randn(16, 48), fmt, block_size=32, double_quant=fmt == "nf4"),
                      torch.randn(16), r=4, alpha=8)
     m2.load_state_dict(sd)
     x = torch.randn(3, 48)
@@ -36,7 +36,7 @@ def test_state_dict_holds_packed_bytes(fmt):
 @pytest.mark.parametrize("fmt", ["none"] + FMTS)
 def test_zero_b_equals_dequantized_linear_and_only_lora_grads(fmt):
     w = torch.randn(16, 48)
-    weight = w if fmt == "none" else R.quantize(w, fmt, block_size=32)
+    weight = w if fmt == "none" else quantizer.quantize(w, fmt, block_size=32)
     bias = torch.randn(16)
     m = QLoRALinear(weight, bias, r=4, alpha=8, dropout=0.1)
     x = torch.randn(2, 5, 48, requires_grad=True)
@@ -59,7 +59,7 @@ def test_init_and_scaling():
     bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
     assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > bound / 2
     assert QLoRALinear(torch.randn(32, 64), None, r=16, alpha=16, use_rslora=True).scaling == 4.0
-    q = QLoRALinear(R.quantize(torch.randn(32, 64), "nf4"), None, r=None)
+    q = QLoRALinear(quantizer.quantize(torch.randn(32, 64), "nf4"), None, r=None)
     assert q.lora_A is None and list(q.parameters()) == []
     assert "format=nf4" in repr(q) and "r=None" in repr(q)
 
@@ -85,7 +85,7 @@ def test_bad_weight_names_layer():
 
 
 def test_dropout_only_in_training():
-    m = QLoRALinear(R.quantize(torch.randn(8, 32), "nf4", block_size=32), None, r=2, alpha=2, dropout=0.5)
+    m = QLoRALinear(quantizer.quantize(torch.randn(8, 32), "nf4", block_size=32), None, r=2, alpha=2, dropout=0.5)
     torch.nn.init.normal_(m.lora_B)
     x = torch.randn(4, 32)
     m.eval()
@@ -95,7 +95,7 @@ def test_dropout_only_in_training():
 
 
 def test_export_and_fx_see_one_op():
-    m = QLoRALinear(R.quantize(torch.randn(16, 32), "nf4", block_size=32, double_quant=True), torch.randn(16),
+    m = QLoRALinear(quantizer.quantize(torch.randn(16, 32), "nf4", block_size=32, double_quant=True), torch.randn(16),
                     r=4, alpha=8).eval()
     ep = torch.export.export(m, (torch.randn(2, 32),))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]

@@ -5,14 +5,16 @@ import torch
 
 from peftfx.errors import KernelError
 from peftfx.kernels import ops
+from peftfx.kernels.backend import backend_for
 from peftfx.kernels import reference as R
+from peftfx.kernels import quantizer
 
 FMTS = ["none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8"]
 
 
 def _weight(fmt, out_f=12, in_f=20, dtype=torch.float32, dq=False):
     w = torch.randn(out_f, in_f, dtype=dtype)
-    return w if fmt == "none" else R.quantize(w, fmt, block_size=16, double_quant=dq)
+    return w if fmt == "none" else quantizer.quantize(w, fmt, block_size=16, double_quant=dq)
 
 
 def _args(x, weight, bias, A, B, xl, s=2.0):
@@ -24,7 +26,7 @@ def _args(x, weight, bias, A, B, xl, s=2.0):
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
-    monkeypatch.setenv("PEFTFX_KERNELS", "reference")
+    monkeypatch.setenv("PEFTFX_KERNELS", "cpu")
 
 
 # Every bias x LoRA combination on the dense and NF4+DQ paths; one full combination per other format
@@ -66,7 +68,7 @@ def test_opcheck_dequantize(fmt, dq):
 @pytest.mark.parametrize("with_x_lora", [False, True])
 def test_gradcheck_float64(fmt, with_x_lora):
     w = torch.randn(6, 10, dtype=torch.float64)
-    weight = w if fmt == "none" else R.quantize(w, "nf4", block_size=16, double_quant=True)
+    weight = w if fmt == "none" else quantizer.quantize(w, "nf4", block_size=16, double_quant=True)
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     xl = torch.randn(3, 10, dtype=torch.float64, requires_grad=True) if with_x_lora else None
     A = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
@@ -127,14 +129,33 @@ def test_backward_saves_packed_not_dequantized():
 
 def test_backend_selection(monkeypatch):
     t = torch.zeros(1)
-    assert ops.backend_for(t) == "reference"
-    monkeypatch.setenv("PEFTFX_KERNELS", "triton")
-    assert ops.backend_for(t) == "triton"
-    monkeypatch.delenv("PEFTFX_KERNELS")
-    assert ops.backend_for(t) == "reference"
+    monkeypatch.delenv("PEFTFX_KERNELS", raising=False)
+    assert backend_for(t) == "cpu"
+    for forced in ("triton", "reference", "cpu"):
+        monkeypatch.setenv("PEFTFX_KERNELS", forced)
+        assert backend_for(t) == forced
     monkeypatch.setenv("PEFTFX_KERNELS", "cuda")
     with pytest.raises(KernelError, match="PEFTFX_KERNELS"):
-        ops.backend_for(t)
+        backend_for(t)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8-zeropoint", "llm-int8"])
+def test_each_backend_name_runs_what_it_says(monkeypatch, fmt):
+    """'cpu' runs cpu_gemm, 'reference' runs the oracle: the op's output equals the module it names."""
+    from peftfx.kernels import cpu_gemm, quantizer
+
+    torch.manual_seed(0)
+    qw = quantizer.quantize(torch.randn(24, 40), fmt)
+    x, A, B = torch.randn(3, 40), torch.randn(4, 40), torch.randn(24, 4)
+    calls = []
+    for module, fn in ((cpu_gemm, "qlora_forward"), (R, "qlora_forward_ref")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _r=real, _n=fn, **k: calls.append(_n) or _r(*a, **k))
+    for forced, expected in (("cpu", "qlora_forward"), ("reference", "qlora_forward_ref")):
+        monkeypatch.setenv("PEFTFX_KERNELS", forced)
+        calls.clear()
+        ops.qlora_linear(x, qw, None, A, B, 0.5)
+        assert calls[0] == expected, (forced, calls)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -188,7 +209,7 @@ def test_frozen_layer_does_not_keep_its_input_for_backward():
     from peftfx.kernels.modules import QLoRALinear
 
     torch.manual_seed(0)
-    layer = QLoRALinear(ref.quantize(torch.randn(32, 64), "nf4", double_quant=True), None, r=None, alpha=1.0)
+    layer = QLoRALinear(quantizer.quantize(torch.randn(32, 64), "nf4", double_quant=True), None, r=None, alpha=1.0)
     x = torch.randn(8, 16, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

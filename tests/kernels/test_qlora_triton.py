@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from peftfx.errors import KernelError
 from peftfx.kernels import reference
+from peftfx.kernels import quantizer
 from peftfx.kernels.qlora_triton import qlora_backward_triton, qlora_forward_triton
 
 from tests.kernels.triton_env import DEVICE, INTERPRET, NO_DEVICE, NO_DEVICE_REASON
@@ -65,7 +66,7 @@ def make(p):
     if p["fmt"] == "none":
         weight = w
     else:
-        weight = reference.quantize(w, p["fmt"], block_size=p["block_size"], double_quant=p["double_quant"],
+        weight = quantizer.quantize(w, p["fmt"], block_size=p["block_size"], double_quant=p["double_quant"],
                                     block_size2=32, threshold=2.5)
     x = rnd(m, k)
     return dict(
@@ -137,7 +138,7 @@ def test_llm_int8_with_outliers_matches_fp32_product(seed):
     m, k, n, thr = 24, 200, 72, 6.0
     x = torch.randn(m, k, generator=g)
     x[:, [3, 77, 150]] *= 20.0  # outlier features, as in LLM.int8's emergent large-magnitude columns
-    qw = reference.quantize(torch.randn(n, k, generator=g) * 0.05, "llm-int8", threshold=thr)
+    qw = quantizer.quantize(torch.randn(n, k, generator=g) * 0.05, "llm-int8", threshold=thr)
     x, qw = x.to(DEVICE), qw.to(DEVICE)
     wd = reference.dequantize(qw, torch.float32)
     y = qlora_forward_triton(x, qw, None, None, None, 1.0, None)
@@ -189,7 +190,7 @@ def test_op_compute_dtype_casts_around_the_triton_kernels(monkeypatch):
 
     monkeypatch.setenv("PEFTFX_KERNELS", "triton")
     torch.manual_seed(0)
-    qw = reference.quantize(torch.randn(48, 64) * 0.1, "nf4", block_size=32).to(DEVICE)
+    qw = quantizer.quantize(torch.randn(48, 64) * 0.1, "nf4", block_size=32).to(DEVICE)
     x = torch.randn(5, 64, device=DEVICE) * 0.1
     A0, B0 = torch.randn(4, 64, device=DEVICE) * 0.1, torch.randn(48, 4, device=DEVICE) * 0.1
     grads = {}

@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from peftfx.errors import KernelError
 from peftfx.kernels import formats, reference
+from peftfx.kernels import quantizer
 from peftfx.kernels.quant_triton import dequantize_triton, quantize_triton
 
 from tests.kernels.triton_env import DEVICE, INTERPRET, NO_DEVICE, NO_DEVICE_REASON
@@ -51,7 +52,7 @@ def cases(draw, formats_=ALL):
 def _quantize_both(c):
     w = _weight(c["seed"], c["n"], c["k"], c["dtype"], c["zero_rows"])
     kw = dict(block_size=c["block_size"], double_quant=c["double_quant"], block_size2=c["block_size2"])
-    return w, reference.quantize(w, c["fmt"], **kw), quantize_triton(w, c["fmt"], **kw)
+    return w, quantizer.quantize(w, c["fmt"], **kw), quantize_triton(w, c["fmt"], **kw)
 
 
 def _assert_same_storage(ref: formats.QuantizedWeight, got: formats.QuantizedWeight) -> None:
@@ -119,7 +120,7 @@ def test_all_zero_block_dequantizes_to_exact_zeros(fmt, double_quant):
     w[2:4] = 0.0  # flat [96, 192): blocks 3..5 of 32 are all zero (they cross rows)
     w[-1, -10:] = 0.0  # part of the partial last block
     qw = quantize_triton(w, fmt, block_size=32, double_quant=double_quant, block_size2=32)
-    _assert_same_storage(reference.quantize(w, fmt, block_size=32, double_quant=double_quant, block_size2=32), qw)
+    _assert_same_storage(quantizer.quantize(w, fmt, block_size=32, double_quant=double_quant, block_size2=32), qw)
     d = dequantize_triton(qw)
     assert bool((d[2:4] == 0).all())
     if not double_quant:  # DQ approximates absmax: zeros stay exact only where the codebook has a zero
@@ -131,7 +132,7 @@ def test_all_zero_block_dequantizes_to_exact_zeros(fmt, double_quant):
 def test_partial_last_block_and_odd_numel(fmt):
     w = _weight(1, 7, 37, torch.float16)  # 259 elements: odd, and a partial block for every size
     for bs in (32, 64, 256):
-        ref = reference.quantize(w, fmt, block_size=bs)
+        ref = quantizer.quantize(w, fmt, block_size=bs)
         _assert_same_storage(ref, quantize_triton(w, fmt, block_size=bs))
         assert torch.equal(dequantize_triton(ref), reference.dequantize(ref))
 
@@ -141,7 +142,7 @@ def test_non_contiguous_weight_is_handled():
     w = _weight(2, 64, 48, torch.float32).t()  # [48, 64] transposed view
     assert not w.is_contiguous()
     for fmt in ALL:
-        _assert_same_storage(reference.quantize(w.contiguous(), fmt), quantize_triton(w, fmt))
+        _assert_same_storage(quantizer.quantize(w.contiguous(), fmt), quantize_triton(w, fmt))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from peftfx.errors import KernelError
 from peftfx.kernels import reference as R
+from peftfx.kernels import quantizer
 from peftfx.kernels.formats import FP4_CODE, NF4_CODE
 
 SHAPES = [(33, 47), (64, 64), (7, 300), (1, 3)]
@@ -22,7 +23,7 @@ def test_4bit_byte_identical_to_bitsandbytes(shape, block_size, fmt, dq):
     bnbF = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(shape) * 2
     packed, state = bnbF.quantize_4bit(w, blocksize=block_size, quant_type=fmt, compress_statistics=dq)
-    qw = R.quantize(w, fmt, block_size=block_size, double_quant=dq)
+    qw = quantizer.quantize(w, fmt, block_size=block_size, double_quant=dq)
     assert torch.equal(packed.reshape(-1), qw.packed)
     assert torch.equal(state.absmax, qw.scales)
     if dq:
@@ -37,7 +38,7 @@ def test_4bit_half_input_byte_identical(dtype):
     bnbF = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(48, 64, dtype=dtype)
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    qw = R.quantize(w, "nf4", block_size=64, double_quant=True)
+    qw = quantizer.quantize(w, "nf4", block_size=64, double_quant=True)
     assert torch.equal(packed.reshape(-1), qw.packed) and torch.equal(state.state2.absmax, qw.scales2)
     assert torch.equal(bnbF.dequantize_4bit(packed, state), R.dequantize(qw))
 
@@ -48,14 +49,14 @@ def test_double_quant_ties_near_lut_bins():
     x = torch.randn(256 * 40).clamp(-1, 1)
     x[::256] = 1.0
     q, state = bnbF.quantize_blockwise(x, blocksize=256)
-    codes, am = R.quantize_blockwise_8bit(x, 256)
+    codes, am = quantizer.quantize_blockwise_8bit(x, 256)
     assert torch.equal(q, codes) and torch.equal(state.absmax, am)
 
 
 # ------------------------------------------------------------------------------------- error bounds
 def test_nf4_error_on_gaussian():
     w = torch.randn(1024, 1024)
-    qw = R.quantize(w, "nf4", block_size=64)
+    qw = quantizer.quantize(w, "nf4", block_size=64)
     err = (R.dequantize(qw) - w).abs()
     assert err.mean() <= 0.07332
     absmax = w.reshape(-1, 64).abs().amax(1, keepdim=True)
@@ -87,12 +88,12 @@ def _per_element_scale(values, n, bs):
 def test_4bit_error_bound(spec, fmt, dq):
     rows, cols, bs, scale, seed = spec
     w = _make(rows, cols, scale, seed)
-    qw = R.quantize(w, fmt, block_size=bs, double_quant=dq)
+    qw = quantizer.quantize(w, fmt, block_size=bs, double_quant=dq)
     err = (R.dequantize(qw) - w).abs().reshape(-1)
     absmax = _per_element_scale(R.decode_scales(qw), w.numel(), bs)
     bound = 0.5 * _max_gap(NF4_CODE if fmt == "nf4" else FP4_CODE) * absmax
     if dq:  # the absmax itself is 8-bit quantized: allow its error on top
-        true_absmax = _per_element_scale(R.quantize(w, fmt, block_size=bs).scales, w.numel(), bs)
+        true_absmax = _per_element_scale(quantizer.quantize(w, fmt, block_size=bs).scales, w.numel(), bs)
         bound = 0.5 * _max_gap(NF4_CODE if fmt == "nf4" else FP4_CODE) * true_absmax + (absmax - true_absmax).abs()
     assert bool((err <= bound * (1 + 1e-5) + 1e-30).all())
 
@@ -101,7 +102,7 @@ def test_4bit_error_bound(spec, fmt, dq):
 def test_int8_error_bound(spec):
     rows, cols, bs, scale, seed = spec
     w = _make(rows, cols, scale, seed)
-    qw = R.quantize(w, "int8", block_size=bs)
+    qw = quantizer.quantize(w, "int8", block_size=bs)
     err = (R.dequantize(qw) - w).abs().reshape(-1)
     assert bool((err <= 0.5 * _per_element_scale(qw.scales, w.numel(), bs) * (1 + 1e-5) + 1e-30).all())
 
@@ -110,7 +111,7 @@ def test_int8_error_bound(spec):
 def test_int8_zeropoint_error_bound(spec, shift):
     rows, cols, bs, scale, seed = spec
     w = _make(rows, cols, scale, seed) + shift * scale
-    qw = R.quantize(w, "int8-zeropoint", block_size=bs)
+    qw = quantizer.quantize(w, "int8-zeropoint", block_size=bs)
     err = (R.dequantize(qw) - w).abs().reshape(-1)
     s = _per_element_scale(qw.scales, w.numel(), bs)
     assert bool((err <= 0.5 * s * (1 + 1e-4) + 1e-30).all())
@@ -120,7 +121,7 @@ def test_int8_zeropoint_error_bound(spec, shift):
 def test_llm_int8_weight_error_bound(spec):
     rows, cols, _, scale, seed = spec
     w = _make(rows, cols, scale, seed)
-    qw = R.quantize(w, "llm-int8")
+    qw = quantizer.quantize(w, "llm-int8")
     err = (R.dequantize(qw) - w).abs()
     assert bool((err <= 0.5 * (qw.scales / 127).view(-1, 1) * (1 + 1e-5) + 1e-30).all())
 
@@ -134,7 +135,7 @@ def test_zero_block_is_exact_zero(fmt, dq):
     w = torch.randn(4, 48)
     w[1] = 0.0
     w[3, 16:] = 0.0  # the partial last block (n=192, bs=... ) and a full block
-    qw = R.quantize(w, fmt, block_size=16, double_quant=dq)
+    qw = quantizer.quantize(w, fmt, block_size=16, double_quant=dq)
     out = R.dequantize(qw)
     assert bool((out[1] == 0).all()) and bool((out[3, 16:] == 0).all())
 
@@ -145,15 +146,15 @@ def test_requantize_is_idempotent(spec, fmt):
     # With it, the re-quantized absmax vector has a new mean, so the 8-bit statistics shift.
     rows, cols, bs, scale, seed = spec
     w = _make(rows, cols, scale, seed)
-    d1 = R.dequantize(R.quantize(w, fmt, block_size=bs))
-    d2 = R.dequantize(R.quantize(d1, fmt, block_size=bs))
+    d1 = R.dequantize(quantizer.quantize(w, fmt, block_size=bs))
+    d2 = R.dequantize(quantizer.quantize(d1, fmt, block_size=bs))
     torch.testing.assert_close(d2, d1, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequantize_dtype(dtype):
     w = torch.randn(9, 70).to(dtype)
-    qw = R.quantize(w, "nf4", block_size=32)
+    qw = quantizer.quantize(w, "nf4", block_size=32)
     out = R.dequantize(qw)
     assert out.dtype == dtype
     assert torch.equal(out, R.dequantize(qw, torch.float32).to(dtype))
@@ -162,11 +163,11 @@ def test_dequantize_dtype(dtype):
 def test_chunked_dequant_matches_whole(monkeypatch):
     w = torch.randn(37, 96)
     for fmt in FMTS:
-        qw = R.quantize(w, fmt, block_size=64, double_quant=fmt == "nf4")
+        qw = quantizer.quantize(w, fmt, block_size=64, double_quant=fmt == "nf4")
         whole = R.dequantize(qw, torch.float32)
         rows = [c for _, _, c in R.iter_dequantized_rows(qw, max_elems=300)]
         assert len(rows) > 1 and torch.equal(torch.cat(rows), whole)
-    qw = R.quantize(torch.randn(33, 47), "fp4", block_size=16)  # odd numel: a padded last nibble
+    qw = quantizer.quantize(torch.randn(33, 47), "fp4", block_size=16)  # odd numel: a padded last nibble
     big_chunks = R.dequantize(qw)
     monkeypatch.setattr(R, "_DEQ_CHUNK_BYTES", 64)
     assert torch.equal(R.dequantize(qw), big_chunks)
@@ -187,7 +188,7 @@ def test_chunked_dequant_matches_whole(monkeypatch):
 def test_quantize_errors_name_the_layer(w, kwargs, match):
     kwargs = {"format": "nf4", **kwargs}
     with pytest.raises(KernelError, match=match) as info:
-        R.quantize(w, kwargs.pop("format"), name="model.layers.0.q_proj", **kwargs)
+        quantizer.quantize(w, kwargs.pop("format"), name="model.layers.0.q_proj", **kwargs)
     assert "model.layers.0.q_proj" in str(info.value)
 
 
@@ -201,7 +202,7 @@ def _naive(x, w_deq, bias, A, B, s, xl):
 @pytest.mark.parametrize("with_x_lora", [False, True])
 def test_fused_reference_matches_autograd(fmt, with_x_lora):
     w = torch.randn(24, 40) * 0.5
-    weight = w if fmt == "none" else R.quantize(w, fmt, block_size=16, double_quant=fmt == "fp4")
+    weight = w if fmt == "none" else quantizer.quantize(w, fmt, block_size=16, double_quant=fmt == "fp4")
     w_deq = w if fmt == "none" else R.dequantize(weight)
     bias = torch.randn(24)
     x = torch.randn(2, 3, 40, requires_grad=True)
@@ -227,19 +228,19 @@ def test_fused_reference_matches_autograd(fmt, with_x_lora):
 
 def test_llm_int8_outlier_columns_in_high_precision():
     w = torch.randn(16, 32)
-    qw = R.quantize(w, "llm-int8", threshold=6.0)
+    qw = quantizer.quantize(w, "llm-int8", threshold=6.0)
     x = torch.randn(5, 32) * 0.5
     x[:, 3] = 40.0  # an outlier feature: its column goes through fp32 on deq(W)
     y = R.llm_int8_matmul(x, qw)
     exact = x @ R.dequantize(qw).t()
-    no_decomp = R.llm_int8_matmul(x, R.quantize(w, "llm-int8", threshold=0.0))
+    no_decomp = R.llm_int8_matmul(x, quantizer.quantize(w, "llm-int8", threshold=0.0))
     assert (y - exact).abs().max() < (no_decomp - exact).abs().max()
     torch.testing.assert_close(y, exact, rtol=0.02, atol=0.1)
 
 
 def test_half_inputs_compute_in_fp32():
     w = torch.randn(24, 40)
-    qw = R.quantize(w, "nf4", block_size=32)
+    qw = quantizer.quantize(w, "nf4", block_size=32)
     x = torch.randn(3, 40)
     y16 = R.qlora_forward_ref(x.bfloat16(), qw, None, None, None, 0.0)
     assert y16.dtype == torch.bfloat16

@@ -107,7 +107,7 @@ def test_plan_compute_dtype_reaches_every_swapped_layer_and_bf16_training_runs()
 
 
 def test_auto_compute_dtype_is_recorded_and_resolved_per_call(monkeypatch):
-    from peftfx.kernels import cpu_gemm
+    from peftfx.kernels import cpu_gemm, dtypes
 
     case = make_case("llama")
     plan = {**RULES_PLAN, "rules": [], "quant": {**RULES_PLAN["quant"], "compute_dtype": "auto"}}
@@ -118,7 +118,7 @@ def test_auto_compute_dtype_is_recorded_and_resolved_per_call(monkeypatch):
     real = cpu_gemm.qlora_forward
     monkeypatch.setattr(cpu_gemm, "qlora_forward", lambda *a: seen.append(a[-1]) or real(*a))
     for fast in (True, False):
-        monkeypatch.setitem(cpu_gemm._FAST_BF16, "cpu", fast)
+        monkeypatch.setitem(dtypes._FAST_BF16, "cpu", fast)
         seen.clear()
         gm(**case.inputs)
         assert set(seen) == {torch.bfloat16 if fast else None}

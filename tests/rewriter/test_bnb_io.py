@@ -9,7 +9,7 @@ from torch import nn
 from peftfx.bnb_io import bnb_state_dict, from_bnb, to_bnb, to_linear4bit
 from peftfx.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
-from peftfx.kernels import reference
+from peftfx.kernels import quantizer
 from peftfx.kernels.modules import QLoRALinear
 from tests.rewriter.travel_cases import fresh, same_bytes
 
@@ -30,7 +30,7 @@ def _bnb_linear4bit(w: torch.Tensor, b: torch.Tensor, fmt: str, dq: bool):
 def test_layout_is_bitsandbytes_own(shape, fmt, dq):
     w, b = torch.randn(shape), torch.randn(shape[0])
     theirs = _bnb_linear4bit(w, b, fmt, dq).state_dict(prefix="layer.")
-    qw = reference.quantize(w, fmt, block_size=64, double_quant=dq)
+    qw = quantizer.quantize(w, fmt, block_size=64, double_quant=dq)
     ours = to_bnb(qw, b, prefix="layer.")
     assert ours.keys() == theirs.keys()
     assert all(same_bytes(ours[k], theirs[k]) for k in ours)  # the quant-state JSON bytes too
@@ -46,7 +46,7 @@ def test_layout_is_bitsandbytes_own(shape, fmt, dq):
 def test_linear4bit_with_our_codes_matches_our_layer(dq, shape):
     pytest.importorskip("bitsandbytes")
     w, b = torch.randn(shape), torch.randn(shape[0])
-    ours = QLoRALinear(reference.quantize(w, "nf4", double_quant=dq), b, r=None)
+    ours = QLoRALinear(quantizer.quantize(w, "nf4", double_quant=dq), b, r=None)
     lin = to_linear4bit(ours).eval()
     x = torch.randn(2, 5, shape[1])
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_bnb_state_dict_of_a_compiled_model():
 
 
 def test_bad_bnb_input():
-    qw = reference.quantize(torch.randn(16, 32), "nf4", double_quant=True)
+    qw = quantizer.quantize(torch.randn(16, 32), "nf4", double_quant=True)
     sd = to_bnb(qw)
     with pytest.raises(CheckpointError, match="expected exactly one"):
         from_bnb({k: v for k, v in sd.items() if "quant_state" not in k})
@@ -83,7 +83,7 @@ def test_bad_bnb_input():
     with pytest.raises(CheckpointError, match="quant-state JSON"):
         from_bnb({**sd, "weight.quant_state.bitsandbytes__nf4": torch.tensor([0xFF, 0x00], dtype=torch.uint8)})
     with pytest.raises(CheckpointError, match="nf4/fp4 only"):
-        to_bnb(reference.quantize(torch.randn(16, 32), "int8"))
+        to_bnb(quantizer.quantize(torch.randn(16, 32), "int8"))
     with pytest.raises(CheckpointError, match="only nf4/fp4"):
         to_linear4bit(QLoRALinear(torch.randn(8, 8), None, r=None))
     assert isinstance(to_linear4bit(QLoRALinear(qw, None, r=2, alpha=2)), nn.Linear)

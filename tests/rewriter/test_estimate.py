@@ -16,7 +16,7 @@ import torch
 import peftfx
 from peftfx.errors import PlanError
 from peftfx.estimate import bits_per_param, estimate, loss_of, measure_peak, quant_storage, quantized_nbytes
-from peftfx.kernels import reference
+from peftfx.kernels import quantizer
 
 ALL = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
 
@@ -26,7 +26,7 @@ ALL = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj
                                        ("int8-zeropoint", False), ("llm-int8", False)])
 def test_quantized_bytes_equal_the_real_quantized_weight(format, dq, shape):
     torch.manual_seed(0)
-    qw = reference.quantize(torch.randn(*shape), format, block_size=64, double_quant=dq, block_size2=256)
+    qw = quantizer.quantize(torch.randn(*shape), format, block_size=64, double_quant=dq, block_size2=256)
     assert quantized_nbytes(format, shape, block_size=64, double_quant=dq, block_size2=256) == qw.nbytes()
     spec = quant_storage(format, shape, block_size=64, double_quant=dq)
     for name, t in qw.tensors().items():
