@@ -22,20 +22,20 @@ _LAZY = {
     "PrefixTuningSpec": "peftfx.plan",
     "PromptTuningSpec": "peftfx.plan",
     "AdapterSpec": "peftfx.plan",
-    # adapters that travel (checkpoint.py, peft_io.py, merging.py)
-    "save_adapters": "peftfx.checkpoint",
-    "load_adapters": "peftfx.checkpoint",
-    "save_model": "peftfx.checkpoint",
-    "load_model": "peftfx.checkpoint",
-    "export_peft": "peftfx.peft_io",
-    "import_peft": "peftfx.peft_io",
-    "merge": "peftfx.merging",
-    "unmerge": "peftfx.merging",
-    # one base, many adapters (multi.py)
-    "compile_multi": "peftfx.multi",
-    "adapter_index": "peftfx.multi",
-    "add_adapter": "peftfx.multi",
-    "remove_adapter": "peftfx.multi",
+    # adapters that travel (peftfx.io)
+    "save_adapters": "peftfx.io.checkpoint",
+    "load_adapters": "peftfx.io.checkpoint",
+    "save_model": "peftfx.io.checkpoint",
+    "load_model": "peftfx.io.checkpoint",
+    "export_peft": "peftfx.io.peft_io",
+    "import_peft": "peftfx.io.peft_io",
+    "merge": "peftfx.io.merging",
+    "unmerge": "peftfx.io.merging",
+    # one base, many adapters (peftfx.serve)
+    "compile_multi": "peftfx.serve.multi_adapter",
+    "adapter_index": "peftfx.serve.multi_adapter",
+    "add_adapter": "peftfx.serve.multi_adapter",
+    "remove_adapter": "peftfx.serve.multi_adapter",
 }
 
 __all__ = [

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from peftfx.cli import main
+from peftfx.inspect.cli import main
 
 __all__: list[str] = []
 

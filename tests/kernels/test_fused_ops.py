@@ -170,7 +170,7 @@ def test_cross_entropy_backward_peak_is_one_gradient_plus_chunks():
     """Measured with the CPU allocator's events: the unfused backward holds three [N, C] tensors at
     once (log_softmax's saved output, nll's one-hot grad, the result); the fused one holds the result
     and two chunk-sized temporaries."""
-    from peftfx.estimate import measure_peak
+    from peftfx.inspect.estimate import measure_peak
 
     n, c = 256, 4096
     logits = torch.randn(n, c, requires_grad=True)  # held by the caller, as a model output is

@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 import peftfx
-from peftfx.blocks import block_prefixes, outline_blocks
+from peftfx.distributed.blocks import block_prefixes, outline_blocks
 
 
 def _compile(name: str):

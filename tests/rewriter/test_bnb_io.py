@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from peftfx.bnb_io import bnb_state_dict, from_bnb, to_bnb, to_linear4bit
-from peftfx.checkpoint import qlora_modules
+from peftfx.io.bnb_io import bnb_state_dict, from_bnb, to_bnb, to_linear4bit
+from peftfx.io.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
 from peftfx.kernels import quantizer
 from peftfx.kernels.modules import QLoRALinear

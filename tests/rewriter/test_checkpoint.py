@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import peftfx
-from peftfx.checkpoint import ADAPTER_FILE, read_safetensors, write_safetensors
+from peftfx.io.checkpoint import ADAPTER_FILE, read_safetensors, write_safetensors
 from peftfx.errors import CheckpointError
 from tests.rewriter.travel_cases import fresh, same_bytes
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftfx.cli import main
+from peftfx.inspect.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -165,17 +165,17 @@ def test_usage_errors_exit_2_in_process(files, capsys):
     assert "did not run" in capsys.readouterr().err
 
 
-def test_load_model_from_a_local_hf_folder(files, tmp_path):
+def test_model_from_spec_reads_a_local_hf_folder(files, tmp_path):
     import transformers
 
-    from peftfx.cli import load_model
+    from peftfx.inspect.model_source import model_from_spec
 
     config = transformers.AutoConfig.for_model(**TINY_LLAMA)
     torch.manual_seed(0)
     saved = transformers.LlamaForCausalLM(config)
     saved.save_pretrained(tmp_path)
-    model, inputs, name = load_model(str(tmp_path), device="cpu", batch=3, seq=5)
+    model, inputs, name = model_from_spec(str(tmp_path), device="cpu", batch=3, seq=5)
     assert name == "LlamaForCausalLM" and inputs["input_ids"].shape == (3, 5) and "labels" in inputs
     assert torch.equal(model.model.embed_tokens.weight, saved.model.embed_tokens.weight)  # weights loaded
-    meta, meta_inputs, _ = load_model(str(tmp_path), device="meta")
+    meta, meta_inputs, _ = model_from_spec(str(tmp_path), device="meta")
     assert next(meta.parameters()).is_meta and meta_inputs["input_ids"].shape == (2, 8)

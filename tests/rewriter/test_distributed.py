@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftfx
-from peftfx.distributed import _fingerprint, ANCHOR_ATTR, keep_adapters_in_graph
+from peftfx.distributed import ANCHOR_ATTR, keep_adapters_in_graph
+from peftfx.distributed.wrappers import _fingerprint
 
 WORLD = 2
 STEPS = 3

@@ -15,7 +15,7 @@ import torch
 
 import peftfx
 from peftfx.errors import PlanError
-from peftfx.estimate import bits_per_param, estimate, loss_of, measure_peak, quant_storage, quantized_nbytes
+from peftfx.inspect.estimate import bits_per_param, estimate, loss_of, measure_peak, quant_storage, quantized_nbytes
 from peftfx.kernels import quantizer
 
 ALL = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import peftfx
-from peftfx.checkpoint import qlora_modules
+from peftfx.io.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
 from peftfx.kernels import reference
-from peftfx.merging import merge_report, merged_weight
+from peftfx.io.merging import merge_report, merged_weight
 from tests.rewriter.travel_cases import fresh, same_bytes
 
 

@@ -6,7 +6,7 @@ import torch
 
 import peftfx
 from peftfx.kernels.multi_lora import MultiLoRALinear
-from peftfx.multi import AdapterIdError
+from peftfx.serve.multi_adapter import AdapterIdError
 from tests.model_zoo import VOCAB, make_case
 
 pytest.importorskip("transformers")

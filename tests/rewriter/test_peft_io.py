@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import peftfx
-from peftfx.bnb_io import to_linear4bit
-from peftfx.checkpoint import qlora_modules
+from peftfx.io.bnb_io import to_linear4bit
+from peftfx.io.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
-from peftfx.peft_io import CONFIG_NAME, WEIGHTS_NAME, _write_config, lora_config_fields
+from peftfx.io.peft_io import CONFIG_NAME, WEIGHTS_NAME, _write_config, lora_config_fields
 from tests.model_zoo import make_case
 from tests.rewriter.travel_cases import PROMPT_TOKENS, fresh
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import peftfx
 from peftfx.errors import PeftfxError, PlanError
-from peftfx.reporting import REPORT_SCHEMA_VERSION, build_report, pass_diff, render_report, write_dot, write_graph
+from peftfx.inspect.reporting import REPORT_SCHEMA_VERSION, build_report, pass_diff, render_report, write_dot, write_graph
 
 
 class MLP(nn.Module):

@@ -201,7 +201,7 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from peftfx.blocks import outline_blocks
+    from peftfx.distributed.blocks import outline_blocks
 
     _check_storage(gm)
     if sync:
@@ -275,7 +275,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path | None
     Returns:
         The file path on rank 0, None on the other ranks.
     """
-    from peftfx.checkpoint import ADAPTER_FILE, _common_meta, base_fingerprint, write_safetensors
+    from peftfx.io.checkpoint import ADAPTER_FILE, _common_meta, base_fingerprint, write_safetensors
 
     gm = unwrap(model)
     tensors = full_adapter_state_dict(model)

@@ -192,7 +192,7 @@ def render_report(rep: dict) -> str:
 
 def render_estimate(est) -> str:
     """Human-readable table of an :class:`peftfx.estimate.Estimate`."""
-    from peftfx.estimate import format_bytes as fb
+    from peftfx.inspect.estimate import format_bytes as fb
 
     cols = [("before (full fine-tune)", est.before)] + ([("after (plan)", est.after)] if est.after else [])
     width = 30

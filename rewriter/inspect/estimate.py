@@ -47,9 +47,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from peftfx.errors import PlanError
+from peftfx.inspect.model_source import default_inputs
 
 __all__ = ["quant_storage", "quantized_nbytes", "bits_per_param", "Breakdown", "Estimate", "estimate",
-           "default_inputs", "loss_of", "measure_peak", "format_bytes", "OPTIMIZERS"]
+           "loss_of", "measure_peak", "format_bytes", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adamw", "sgd", "adamw-8bit")
 _LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
@@ -340,7 +341,7 @@ class Estimate:
 
     def render(self) -> str:
         """A human-readable table."""
-        from peftfx.reporting import render_estimate
+        from peftfx.inspect.reporting import render_estimate
 
         return render_estimate(self)
 
@@ -433,18 +434,6 @@ def _measure(twin: nn.Module, inputs: Any, mode, optimizer: str, train_device: s
                      forward_backward_peak=alloc.peak, optimizer_transient=transient, inputs=input_bytes, peak=peak,
                      total_params=sum(p.numel() for p in params), trainable_params=sum(p.numel() for p in trainable),
                      largest_tensor=largest[1], largest_tensor_bytes=largest[0])
-
-
-def default_inputs(model: nn.Module, batch: int = 2, seq: int = 8, *, device: torch.device | str = "cpu") -> dict:
-    """``input_ids`` / ``attention_mask`` (and ``labels`` for language models) of ``[batch, seq]``."""
-    config = getattr(model, "config", None)
-    vocab = int(getattr(config, "vocab_size", None) or 1000)
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
-    if any("CausalLM" in a or "LMHead" in a for a in archs):
-        inputs["labels"] = ids
-    return inputs
 
 
 def estimate(model: nn.Module, plan: Any = None, *, example_inputs: Any = None, batch: int | None = None,

@@ -18,132 +18,17 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from peftfx.errors import PeftfxError, PlanError, TraceError
+from peftfx.inspect.model_source import UsageError, model_from_spec
 
-__all__ = ["main", "load_model", "build_parser"]
+__all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TRACE = 0, 1, 2, 3
-
-
-class UsageError(PlanError):
-    """A bad command-line argument (exit code 2, like a bad plan)."""
-
-
-# ---------------------------------------------------------------- models
-
-
-def _from_config(path: str, device: str):
-    """A randomly initialized model from a config.json (class from ``architectures``)."""
-    import torch
-    import transformers
-
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path} is not valid JSON ({exc})") from None
-    model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise UsageError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **data)
-    except ValueError as exc:
-        raise UsageError(f"{path}: transformers cannot build a {model_type!r} config ({exc})") from None
-    config.use_cache = False
-    config._attn_implementation = "sdpa"
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-    with torch.device(device):
-        if cls is not None:
-            return cls(config)
-        try:
-            return transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            return transformers.AutoModel.from_config(config)
-
-
-def _from_folder(path: str, device: str):
-    """A Hugging Face model folder: weights loaded locally on cpu, config only on meta."""
-    if device == "meta" or not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-        return _from_config(os.path.join(path, "config.json"), device)
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)),
-               transformers.AutoModelForCausalLM)
-    model = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
-    model.config.use_cache = False
-    return model
-
-
-def _from_factory(spec: str, device: str):
-    import torch
-
-    module_name, _, fn_name = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # console scripts do not put the working directory on the path
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"MODEL {spec!r}: cannot import {module_name!r} ({exc})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UsageError(f"MODEL {spec!r}: {module_name} has no function {fn_name!r}")
-    try:
-        with torch.device(device) if device == "meta" else _nullcontext():
-            result = fn()
-    except PeftfxError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's factory failed: say so in one line
-        raise UsageError(f"MODEL {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise UsageError(f"MODEL {spec!r}: the factory must return (model, example_inputs), got "
-                         f"{type(result).__name__}")
-    return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def load_model(spec: str, *, device: str = "cpu", batch: int | None = None, seq: int | None = None
-               ) -> tuple[Any, Any, str]:
-    """``(model, example_inputs, display name)`` for a MODEL argument (see the module docstring)."""
-    from peftfx.estimate import default_inputs
-
-    if os.path.isdir(spec):
-        if not os.path.exists(os.path.join(spec, "config.json")):
-            raise UsageError(f"MODEL folder {spec!r} has no config.json")
-        model, inputs = _from_folder(spec, device), None
-    elif os.path.isfile(spec):
-        if not spec.endswith(".json"):
-            raise UsageError(f"MODEL file {spec!r} is not a config.json")
-        model, inputs = _from_config(spec, device), None
-    elif ":" in spec:
-        model, inputs = _from_factory(spec, device)
-        if (batch or seq) and isinstance(inputs, dict) and "input_ids" in inputs:
-            ids = inputs["input_ids"]
-            fresh = default_inputs(model, batch or ids.shape[0], seq or ids.shape[1], device=ids.device)
-            inputs = {**inputs, **{k: v for k, v in fresh.items() if k in inputs}}
-    else:
-        raise UsageError(f"MODEL {spec!r} is neither a file, a folder nor package.module:function")
-    if inputs is None:
-        import torch
-
-        with torch.device(device):
-            inputs = default_inputs(model, batch or 2, seq or 8, device=device)
-    return model, inputs, type(model).__name__
 
 
 # ---------------------------------------------------------------- commands
@@ -151,10 +36,10 @@ def load_model(spec: str, *, device: str = "cpu", batch: int | None = None, seq:
 
 def _cmd_inspect(args) -> int:
     import peftfx
-    from peftfx.reporting import build_report, pass_diff, render_report, write_graph
+    from peftfx.inspect.reporting import build_report, pass_diff, render_report, write_graph
 
     plan = _load_plan(args.plan)
-    model, inputs, name = load_model(args.model, device="cpu", batch=args.batch, seq=args.seq)
+    model, inputs, name = model_from_spec(args.model, device="cpu", batch=args.batch, seq=args.seq)
     gm = peftfx.compile(model, plan, example_inputs=inputs)
     rep = build_report(gm, model=name)
     diff = pass_diff(gm, args.pass_name) if args.pass_name else None
@@ -174,10 +59,10 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_estimate(args) -> int:
-    from peftfx.estimate import estimate
+    from peftfx.inspect.estimate import estimate
 
     plan = _load_plan(args.plan) if args.plan else None
-    model, inputs, name = load_model(args.model, device=args.device, batch=args.batch, seq=args.seq)
+    model, inputs, name = model_from_spec(args.model, device=args.device, batch=args.batch, seq=args.seq)
     est = estimate(model, plan, example_inputs=inputs, optimizer=args.optimizer, dtype=args.dtype,
                    train_device=args.train_device)
     est.model = name

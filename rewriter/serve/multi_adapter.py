@@ -58,7 +58,7 @@ class AdapterIdError(PeftfxError, IndexError):
 
 def _from_folder(path: Path) -> tuple[Plan, dict[str, tuple[Tensor, Tensor, float]], dict]:
     try:
-        from peftfx.checkpoint import ADAPTER_FILE, read_safetensors
+        from peftfx.io.checkpoint import ADAPTER_FILE, read_safetensors
     except ModuleNotFoundError:
         raise CheckpointError(f"{path}: reading saved adapters needs peftfx.checkpoint, missing in this build") from None
     file = path / ADAPTER_FILE
@@ -370,7 +370,7 @@ def _check_fingerprint(gm: nn.Module, name: str, saved: dict) -> None:
     """Refuse adapters saved on another frozen base (compares checkpoint.base_fingerprint per layer)."""
     if not saved:
         return
-    from peftfx.checkpoint import base_fingerprint
+    from peftfx.io.checkpoint import base_fingerprint
 
     now = {fqn.removesuffix(".base"): v for fqn, v in base_fingerprint(gm).items()}
     for fqn, info in saved.items():

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftfx.checkpoint import qlora_modules, read_safetensors
+from peftfx.io.checkpoint import qlora_modules, read_safetensors
 from peftfx.errors import CheckpointError
 
 __all__ = ["export_peft", "import_peft", "CONFIG_NAME", "WEIGHTS_NAME", "peft_key", "lora_config_fields"]

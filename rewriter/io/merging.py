@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from peftfx.checkpoint import qlora_modules
+from peftfx.io.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
 from peftfx.graph import set_submodule
 
