@@ -1,7 +1,7 @@
 """peftfx.passes: one graph rewrite per file; importing this package registers them all.
 
-Every module here registers its pass with ``@register_pass(section, order=...)`` at import; the
-pass manager orders them, so adding a pass is adding a file.
+Every module here registers its pass with ``@register_pass(section, after=..., before=...)`` at
+import; the pass manager orders them by those constraints, so adding a pass is adding a file.
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ def _adapter_name(fqn: str) -> str:
     return f"{fqn}_adapter"
 
 
-@register_pass("adapter", order=50)
+# after swap_linear: the bottleneck's down/up projections are trained, never quantized
+@register_pass("adapter", after=("swap_linear", "prompt_tuning"))
 def bottleneck(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Insert zero-initialized Houlsby bottleneck adapters after attention outputs and MLPs."""
     spec = ctx.plan.adapter

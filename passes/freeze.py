@@ -55,7 +55,8 @@ def _train_module_prefixes(names: list[str], patterns: tuple[str, ...]) -> list[
     return prefixes
 
 
-@register_pass("*", order=90)
+# last: it decides requires_grad for every parameter, the adapters other passes created included
+@register_pass("*", after=("swap_linear", "prefix_tuning", "prompt_tuning", "bottleneck", "fuse_activations"))
 def freeze(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Freeze every parameter except adapters (and the top-k blocks when the plan says so)."""
     names = [n for n, _ in gm.named_parameters()]

@@ -170,7 +170,8 @@ RULES = (
 )
 
 
-@register_pass("*", order=60)
+# after every pass that inserts modules (their activations are fused too), before freeze
+@register_pass("*", after=("swap_linear", "prefix_tuning", "prompt_tuning", "bottleneck"), before=("freeze",))
 def fuse_activations(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Fuse act(gate)*up into peftfx::act_mul and the cross-entropy loss into peftfx::cross_entropy."""
     graph = gm.graph

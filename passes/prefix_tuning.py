@@ -175,7 +175,8 @@ def _rewire(gm: GraphModule, sdpa: Node, module_name: str, extra: tuple) -> None
     sdpa.meta[_MARK] = module_name
 
 
-@register_pass("prefix", order=30)
+# after swap_linear: the prefix encoder's own linears are trained, never quantized
+@register_pass("prefix", after=("swap_linear",))
 def prefix_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Learned K/V prefixes in front of every SDPA call (positions shifted by P)."""
     spec = ctx.plan.prefix

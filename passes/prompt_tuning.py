@@ -131,7 +131,9 @@ def _pad_front(graph, node: Node, dim: int, tokens: int, value) -> Node:
         return stamp(graph.call_function(aten.constant_pad_nd.default, (node, pad, value)), _PASS, None, like=node)
 
 
-@register_pass("prompt", order=40)
+# after swap_linear (the soft prompt is trained, never quantized); after prefix_tuning: both widen the
+# attention mask and shift positions, and one fixed order keeps the graph the same from run to run
+@register_pass("prompt", after=("swap_linear", "prefix_tuning"))
 def prompt_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Soft prompt in front of the embedding fed by ``input_ids``; sequence length S -> S+P; outputs sliced."""
     spec = ctx.plan.prompt

@@ -132,7 +132,7 @@ def _release(gm: GraphModule, ctx: PassContext, attr: str, site_nodes: set, sour
     return "dropped from graph"
 
 
-@register_pass("quant|lora|rules", order=20)
+@register_pass("quant|lora|rules")
 def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Replace targeted linears with QLoRALinear modules (quantize + LoRA), freeing dense weights."""
     targets = resolve_targets(gm, ctx.plan)

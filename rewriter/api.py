@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
+import peftfx.passes  # noqa: F401  (importing the package registers every pass)
 from peftfx.emit import REPORT_KEY, emit
 from peftfx.errors import PlanError
 from peftfx.pass_manager import PassContext, run_passes

@@ -1,24 +1,38 @@
 """Pass contract, registry keyed by plan section, ordering, lint/recompile and per-pass snapshots.
 
 A pass is a plain function ``(gm, ctx) -> PassResult(gm, modified)`` registered for the plan
-section it serves (``@register_pass("lora", order=20)``); ``compile()`` never names a concrete
-pass. After each pass the manager lints and recompiles the graph, stamps the nodes the pass
-created with ``meta["peftfx.pass"]``, and records a :class:`PassRecord` (nodes created / erased,
-notes, the graph code before and after) that ``peftfx inspect`` renders.
+section it serves, with the passes it must run after (and before)::
+
+    @register_pass("prefix", after=("swap_linear",))
+    def prefix_tuning(gm, ctx): ...
+
+``compile()`` never names a concrete pass. The run order is a topological order of those
+constraints (ties broken by name, so it is deterministic); a cycle or a second registration under
+one name raises :class:`RewriteError`. A constraint naming a pass that is not registered orders
+nothing (a test may unregister a pass); the suite checks that every name is a real pass. After each pass the
+manager lints and recompiles the graph, stamps the nodes the pass created with
+``meta["peftfx.pass"]``, and records a :class:`PassRecord` (nodes created / erased / replaced,
+notes, the graph code before and after) that ``peftfx inspect`` renders. Which node replaced which
+comes from torch.fx's own provenance (``node.meta["from_node"]``, written by
+``GraphTransformObserver`` on ``replace_all_uses_with``), not from reading generated code.
 """
 from __future__ import annotations
 
+import contextlib
+import heapq
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from peftfx.errors import PeftfxError, RewriteError
 from peftfx.graph import PASS_KEY
 
-__all__ = ["PassResult", "PassContext", "PassRecord", "PassSpec", "register_pass", "registered_passes", "run_passes"]
+__all__ = ["PassResult", "PassContext", "PassRecord", "PassSpec", "register_pass", "unregister_pass", "registered_passes",
+           "run_passes"]
 
 
 class PassResult(NamedTuple):
@@ -46,9 +60,10 @@ class PassContext:
 class PassSpec:
     name: str
     section: str  # plan attribute that switches the pass on; "*" = always
-    order: int
     fn: Callable[[GraphModule, PassContext], PassResult]
     doc: str
+    after: tuple[str, ...] = ()  # passes that must run before this one (when both run)
+    before: tuple[str, ...] = ()  # passes that must run after this one
 
 
 @dataclass
@@ -61,6 +76,7 @@ class PassRecord:
     seconds: float
     created: list[str]
     erased: list[str]
+    replaced: list[list[str]]  # [erased node, the created node that took over its uses]
     notes: list[dict]
     code_before: str
     code_after: str
@@ -69,22 +85,85 @@ class PassRecord:
 _REGISTRY: dict[str, PassSpec] = {}
 
 
-def register_pass(section: str, *, order: int, name: str | None = None):
-    """Register ``fn`` as the pass serving plan ``section`` (``"*"``: always runs), run by ``order``."""
+def register_pass(section: str, *, after: tuple[str, ...] = (), before: tuple[str, ...] = (),
+                  name: str | None = None):
+    """Register ``fn`` as the pass serving plan ``section`` (``"*"``: always runs).
+
+    ``after`` / ``before`` name passes this one must follow / precede; see the module docstring.
+    """
 
     def deco(fn):
         pass_name = name or fn.__name__
-        _REGISTRY[pass_name] = PassSpec(pass_name, section, order, fn, (fn.__doc__ or "").strip().split("\n")[0])
+        if pass_name in _REGISTRY:
+            raise RewriteError(f"a pass named {pass_name!r} is already registered (by "
+                               f"{_REGISTRY[pass_name].fn.__module__}); give the new one another name")
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[pass_name] = PassSpec(pass_name, section, fn, doc, tuple(after), tuple(before))
         return fn
 
     return deco
 
 
-def registered_passes() -> list[PassSpec]:
-    """All registered passes in run order."""
-    import peftfx.passes  # noqa: F401  (registration happens at import)
+def unregister_pass(name: str) -> None:
+    """Remove a registered pass (tests and plugins that register temporary passes)."""
+    _REGISTRY.pop(name, None)
 
-    return sorted(_REGISTRY.values(), key=lambda p: p.order)
+
+def registered_passes() -> list[PassSpec]:
+    """All registered passes in run order (see the module docstring).
+
+    Registration happens when :mod:`peftfx.passes` is imported; :mod:`peftfx.api` imports it.
+    """
+    return _ordered(_REGISTRY)
+
+
+def _ordered(registry: dict[str, PassSpec]) -> list[PassSpec]:
+    """Kahn's algorithm over the after/before edges, smallest name first among the ready passes."""
+    succ: dict[str, set[str]] = {n: set() for n in registry}
+    for spec in registry.values():  # a constraint on a pass that is not registered orders nothing
+        for other in spec.after:
+            if other in registry:
+                succ[other].add(spec.name)
+        for other in spec.before:
+            if other in registry:
+                succ[spec.name].add(other)
+    indegree = {n: 0 for n in registry}
+    for targets in succ.values():
+        for n in targets:
+            indegree[n] += 1
+    ready = [n for n, d in indegree.items() if d == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        n = heapq.heappop(ready)
+        order.append(registry[n])
+        for m in succ[n]:
+            indegree[m] -= 1
+            if indegree[m] == 0:
+                heapq.heappush(ready, m)
+    if len(order) != len(registry):
+        stuck = sorted(n for n, d in indegree.items() if d > 0)
+        raise RewriteError(f"the pass order constraints form a cycle among {stuck}")
+    return order
+
+
+@contextlib.contextmanager
+def _observed(gm: GraphModule, pass_name: str) -> Iterator[None]:
+    """Let torch.fx record ``meta["from_node"]`` provenance on the nodes ``pass_name`` creates/replaces."""
+    from torch._inductor import config as inductor_config  # the observer reads this flag; imports torch._inductor
+
+    with inductor_config.patch({"trace.provenance_tracking_level": 1}), GraphTransformObserver(gm, pass_name):
+        yield
+
+
+def _replacements(nodes, pass_name: str) -> list[list[str]]:
+    """``[old, new]`` for every node of ``pass_name`` that took over all uses of an erased node."""
+    pairs = []
+    for node in nodes:
+        for source in node.meta.get("from_node", []):
+            if source.pass_name == pass_name and "replace" in [a.value for a in source.action]:
+                pairs.append([source.name, node.name])
+    return pairs
 
 
 def _active(spec: PassSpec, plan: Any) -> bool:
@@ -104,7 +183,8 @@ def run_passes(gm: GraphModule, ctx: PassContext, *, snapshots: bool = True) -> 
         ctx.notes = []
         start = time.perf_counter()
         try:
-            result = spec.fn(gm, ctx)
+            with _observed(gm, spec.name):
+                result = spec.fn(gm, ctx)
             gm = result.graph_module
             gm.graph.lint()
             gm.recompile()
@@ -117,6 +197,7 @@ def run_passes(gm: GraphModule, ctx: PassContext, *, snapshots: bool = True) -> 
             raise RewriteError(f"pass {spec.name} failed: {type(exc).__name__}: {exc} (passes already run: {done})") from exc
         after = {id(n): n for n in gm.graph.nodes}
         created = [n for k, n in after.items() if k not in before_nodes]
+        erased = [name for k, name in before_nodes.items() if k not in after]
         for node in created:
             node.meta.setdefault(PASS_KEY, spec.name)
         records.append(
@@ -126,7 +207,8 @@ def run_passes(gm: GraphModule, ctx: PassContext, *, snapshots: bool = True) -> 
                 modified=bool(result.modified),
                 seconds=time.perf_counter() - start,
                 created=[n.name for n in created],
-                erased=[name for k, name in before_nodes.items() if k not in after],
+                erased=erased,
+                replaced=[pair for pair in _replacements(created, spec.name) if pair[0] in erased],
                 notes=list(ctx.notes),
                 code_before=code_before,
                 code_after=gm.code if snapshots else "",

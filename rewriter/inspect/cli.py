@@ -71,17 +71,18 @@ def _cmd_estimate(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from peftfx.pass_manager import registered_passes
+    import peftfx.passes  # noqa: F401  (lazy for CLI start-up time; importing it registers the passes)
+    from peftfx.pass_manager import registered_passes  # lazy: CLI start-up time
 
     specs = registered_passes()
     if args.json:
-        print(json.dumps([{"name": s.name, "sections": s.section.split("|"), "order": s.order, "doc": s.doc}
-                          for s in specs], indent=2))
+        print(json.dumps([{"name": s.name, "sections": s.section.split("|"), "order": i, "after": list(s.after),
+                           "before": list(s.before), "doc": s.doc} for i, s in enumerate(specs, 1)], indent=2))
         return EXIT_OK
-    print(f"{'order':>5}  {'pass':<16} {'plan sections':<22} what it does")
-    for s in specs:
+    print(f"{'#':>2}  {'pass':<18} {'plan sections':<22} what it does")
+    for i, s in enumerate(specs, 1):
         sections = "(always)" if s.section == "*" else ", ".join(s.section.split("|"))
-        print(f"{s.order:>5}  {s.name:<16} {sections:<22} {s.doc}")
+        print(f"{i:>2}  {s.name:<18} {sections:<22} {s.doc}")
     return EXIT_OK
 
 

@@ -10,7 +10,6 @@ written without any graphviz dependency (``.svg`` goes through ``torch.fx``'s dr
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Any
 
 from torch import nn
@@ -19,48 +18,9 @@ from torch.fx import GraphModule
 from peftfx.errors import PeftfxError, PlanError
 
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "pass_diff", "render_report", "render_estimate",
-           "replaced_nodes", "write_dot", "write_graph"]
+           "write_dot", "write_graph"]
 
 REPORT_SCHEMA_VERSION = 1
-_ASSIGN = re.compile(r"^\s*(\w+)\s*=\s*(.*)$")
-_WORD = re.compile(r"\b\w+\b")
-_ATTR = re.compile(r"\.\w+")
-
-
-def _code_uses(code: str) -> dict[str, list[str]]:
-    """``{node name: [names of the nodes whose line reads it]}`` from a GraphModule's ``code``."""
-    # fx appends ";  x = y = None" (freeing dead values) to lines: only the first statement counts
-    lines = []
-    for line in code.splitlines():
-        stmt = line.split(";")[0]
-        if (m := _ASSIGN.match(stmt)) is not None:
-            lines.append(m.groups())
-        elif stmt.strip().startswith("return "):
-            lines.append(("output", stmt.strip()[7:]))
-    assigned = {name for name, _ in lines}
-    users: dict[str, list[str]] = {}
-    for name, expr in lines:
-        expr = _ATTR.sub("", expr)  # attribute names (self.up, aten.linear) are not values
-        for word in (set(_WORD.findall(expr)) & assigned) - {name}:
-            users.setdefault(word, []).append(name)
-    return users
-
-
-def replaced_nodes(record) -> list[list[str]]:
-    """``[erased, created]`` pairs where a created node took over every use of an erased one."""
-    before, after = _code_uses(record.code_before), _code_uses(record.code_after)
-    pairs = []
-    for old in record.erased:
-        uses = sorted(before.get(old, []))
-        if not uses:
-            continue
-        for new in record.created:
-            if sorted(after.get(new, [])) == uses:
-                pairs.append([old, new])
-                break
-    return pairs
-
-
 def _shape(val: Any) -> list | None:
     shape = getattr(val, "shape", None)
     return None if shape is None else [int(str(d)) if str(d).isdigit() else str(d) for d in shape]
@@ -119,7 +79,7 @@ def build_report(gm: GraphModule, *, model: str | None = None) -> dict:
         targets += [r["target"] for r in rows]
         passes.append({
             "name": rec.name, "section": rec.section, "modified": rec.modified, "seconds": round(rec.seconds, 4),
-            "created": list(rec.created), "erased": list(rec.erased), "replaced": replaced_nodes(rec),
+            "created": list(rec.created), "erased": list(rec.erased), "replaced": [list(pair) for pair in rec.replaced],
             "targets": rows, "notes": [n for n in rec.notes if "target" not in n],
         })
     patterns = []
