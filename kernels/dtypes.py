@@ -16,13 +16,12 @@ import torch
 from torch import Tensor
 
 from peftfx.errors import KernelError
+from peftfx.kernels.choices import COMPUTE_DTYPE_CHOICES, COMPUTE_DTYPE_NAMES
 
 __all__ = ["COMPUTE_DTYPES", "COMPUTE_DTYPE_CHOICES", "fast_bf16", "resolve_compute_dtype", "gemm_dtype",
            "accumulate_dtype", "check_compute_dtype"]
 
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# What a plan's ``quant.compute_dtype`` may say (besides leaving it unset).
-COMPUTE_DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES)
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 
 # Probed once per process (the CPU does not change); tests patch the "cpu" entry.
 _FAST_BF16: dict[str, bool] = {}

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from peftfx.errors import KernelError
+from peftfx.kernels.choices import FORMATS
 
 __all__ = ["NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "FORMATS", "QuantizedWeight", "code_for", "layer_prefix",
            "check_block_size", "n_blocks_for", "table_on"]
 
-FORMATS = ("none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
 
 # bitsandbytes.functional.get_4bit_type("nf4"): the 16 quantiles of N(0,1) scaled to [-1, 1].
 NF4_CODE = torch.tensor(

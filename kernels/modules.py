@@ -17,7 +17,7 @@ from peftfx.kernels import ops
 from peftfx.kernels.dtypes import check_compute_dtype, resolve_compute_dtype
 from peftfx.kernels.formats import QuantizedWeight, layer_prefix
 
-__all__ = ["QLoRALinear", "LoRALinear"]
+__all__ = ["QLoRALinear", "LoRALinear", "qlora_layers"]
 
 
 class QLoRALinear(nn.Module):
@@ -150,3 +150,10 @@ class LoRALinear(QLoRALinear):
         if not isinstance(weight, Tensor):
             raise KernelError(f"{layer_prefix(kwargs.get('name'))}LoRALinear takes a dense weight tensor")
         super().__init__(weight, bias, **kwargs)
+
+
+def qlora_layers(model: nn.Module, *, with_lora: bool = False) -> dict[str, QLoRALinear]:
+    """``{fqn: QLoRALinear}`` of every swapped layer of ``model`` in module order; with
+    ``with_lora=True`` only those that carry LoRA factors (quantize-only layers left out)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, QLoRALinear) and (not with_lora or m.r is not None)}

@@ -71,7 +71,7 @@ def _check(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Ten
 def _multi_lora_op(x: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor) -> Tensor:
     _check(x, ids, lora_A, lora_B, scalings)
     if backend_for(x) == "triton":
-        from peftfx.kernels.multi_lora_triton import multi_lora_triton
+        from peftfx.kernels.multi_lora_triton import multi_lora_triton  # lazy: Triton is optional
 
         return multi_lora_triton(x, ids, lora_A, lora_B, scalings)
     return multi_lora_ref(x, ids, lora_A, lora_B, scalings)

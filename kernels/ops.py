@@ -82,7 +82,7 @@ def _qlora_linear_op(
     w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                    x.dtype, threshold)
     if backend_for(x) == "triton":
-        from peftfx.kernels import qlora_triton
+        from peftfx.kernels import qlora_triton  # lazy: Triton is optional and slow to import
 
         k = x.shape[-1]
         # the kernels compute in their inputs' dtype (W tiles included): cast in, cast the result back
@@ -117,7 +117,7 @@ def _qlora_linear_backward_op(
                    x.dtype, threshold)
     needs = tuple(bool(n) for n in needs)
     if backend_for(x) == "triton":
-        from peftfx.kernels import qlora_triton
+        from peftfx.kernels import qlora_triton  # lazy: Triton is optional and slow to import
 
         k = x.shape[-1]
         cd = compute_dtype or x.dtype
@@ -192,7 +192,7 @@ def _dequantize_op(packed: Tensor, scales: Tensor, scales2: Optional[Tensor], of
     qw = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                     dtype)
     if backend_for(packed) == "triton":
-        from peftfx.kernels import quant_triton
+        from peftfx.kernels import quant_triton  # lazy: Triton is optional and slow to import
 
         return quant_triton.dequantize_triton(qw, dtype)
     return reference.dequantize(qw, dtype)

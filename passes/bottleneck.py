@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 
-from torch.fx import GraphModule, Node
-
 from peftfx.errors import PlanError
 from peftfx.graph import set_submodule, stamp
 from peftfx.kernels.bottleneck_modules import Bottleneck
 from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.targets import block_of
 from peftfx.trace import owner_stack
+from torch.fx import GraphModule, Node
 
 __all__ = ["bottleneck", "find_sublayer_outputs", "block_index", "ATTN_OUT", "MLP_OUT"]
 
@@ -37,14 +37,13 @@ MLP_OUT = re.compile(
     r"|(?:layer|layers)\.\d+\.output\.dense"  # BERT / ViT-HF: encoder.layer.N.output.dense
     r"|(?:layers|layer|h|block|blocks)\.\d+\.fc2)"  # OPT-style blocks with fc1/fc2 directly inside
 )
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 _WHERE = {"attn": ATTN_OUT, "mlp": MLP_OUT}
 
 
 def block_index(fqn: str) -> int | None:
     """Index of the repeated block ``fqn`` lives in (``model.layers.3.mlp.down_proj`` -> 3)."""
-    m = _BLOCK.search(fqn + ".")
-    return int(m.group(1)) if m else None
+    block = block_of(fqn)
+    return None if block is None else block[1]
 
 
 def _owners(node: Node) -> set[str]:

@@ -8,13 +8,11 @@ module names (the largest ``k`` indices under the repeated-block container), and
 """
 from __future__ import annotations
 
-import re
-
-from torch.fx import GraphModule
-
 from peftfx.errors import PlanError
 from peftfx.pass_manager import PassContext, PassResult, register_pass
 from peftfx.plan import match
+from peftfx.targets import block_of
+from torch.fx import GraphModule
 
 __all__ = ["freeze", "is_adapter_parameter", "top_block_prefixes"]
 
@@ -26,16 +24,12 @@ def is_adapter_parameter(gm: GraphModule, name: str) -> bool:
     return leaf in getattr(module, "PEFTFX_TRAINABLE", ()) or leaf.startswith("lora_")
 
 
-_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
-
-
 def top_block_prefixes(names: list[str], k: int) -> list[str]:
     """Prefixes (``model.layers.7.``) of the top ``k`` blocks of the longest block stack in ``names``."""
     stacks: dict[str, set[int]] = {}
     for name in names:
-        m = _BLOCK.match(name)
-        if m:
-            stacks.setdefault(m.group(1), set()).add(int(m.group(2)))
+        if (block := block_of(name)) is not None:
+            stacks.setdefault(block[0], set()).add(block[1])
     if not stacks or k <= 0:
         return []
     container, indices = max(stacks.items(), key=lambda kv: len(kv[1]))

@@ -29,9 +29,20 @@ from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 from peftfx.errors import PlanError
+from peftfx.kernels.choices import COMPUTE_DTYPE_CHOICES
+from peftfx.kernels.choices import FORMATS as QUANT_FORMATS
 from peftfx.plan_io import (
-    FrozenDict, check_bool, check_block, check_choice, check_int, check_keys, check_num, dumps_json, dumps_toml,
-    load_plan_file, plain,
+    FrozenDict,
+    check_block,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keys,
+    check_num,
+    dumps_json,
+    dumps_toml,
+    load_plan_file,
+    plain,
 )
 
 __all__ = [
@@ -40,8 +51,6 @@ __all__ = [
 ]
 
 PLAN_VERSION = 1
-QUANT_FORMATS = ("none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
-COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -157,7 +166,7 @@ class QuantSpec(_Spec):
                 dtype = str(dtype)
             if isinstance(dtype, str):
                 dtype = dtype.removeprefix("torch.")
-            object.__setattr__(self, "compute_dtype", check_choice("quant.compute_dtype", dtype, COMPUTE_DTYPES))
+            object.__setattr__(self, "compute_dtype", check_choice("quant.compute_dtype", dtype, COMPUTE_DTYPE_CHOICES))
         object.__setattr__(self, "targets", _targets("quant.targets", self.targets, optional=True))
 
 

@@ -11,19 +11,32 @@ called twice is swapped once and both calls go through the new module.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import GraphModule, Node
-
 from peftfx.errors import PlanError
 from peftfx.plan import match
 from peftfx.trace import owner_stack
+from torch.fx import GraphModule, Node
 
-__all__ = ["LinearSite", "Target", "find_linear_sites", "resolve_targets"]
+__all__ = ["LINEAR_TYPES", "BLOCK_PATTERN", "block_of", "LinearSite", "Target", "find_linear_sites", "resolve_targets"]
 
 aten = torch.ops.aten
-_LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
+# Class names of the modules whose weight is a linear map peftfx can quantize and adapt (GPT-2's
+# Conv1D stores it transposed; MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear).
+LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
+# A repeated transformer block in a parameter/module name: ``<stack>.<index>.`` where the stack is
+# ``layers`` / ``layer`` / ``h`` / ``block`` / ``blocks``. The prefix before the stack is matched
+# lazily from the left, so the OUTERMOST stack wins (``h.0.attn.layers.1.`` is block 0 of ``h``).
+BLOCK_PATTERN = re.compile(r"^((?:.*?\.)??(?:layers|layer|h|block|blocks))\.(\d+)\.")
+
+
+def block_of(name: str) -> tuple[str, int] | None:
+    """``(stack, index)`` of the outermost block ``name`` lives in, e.g. ``("model.layers", 3)`` for
+    ``model.layers.3.mlp.down_proj`` (a trailing ``.`` is implied), or None outside any block."""
+    m = BLOCK_PATTERN.match(name if name.endswith(".") else name + ".")
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 @dataclass
@@ -55,7 +68,7 @@ class Target:
 
 def _owner_linear(node: Node) -> str | None:
     for fqn, typ in reversed(owner_stack(node)):
-        if typ.rsplit(".", 1)[-1] in _LINEAR_TYPES:
+        if typ.rsplit(".", 1)[-1] in LINEAR_TYPES:
             return fqn
     return None
 

@@ -5,7 +5,14 @@
   the unit FSDP2 shards (and activation checkpointing recomputes).
 """
 from peftfx.distributed.wrappers import (
-    ANCHOR_ATTR, check_in_sync, ddp, full_adapter_state_dict, keep_adapters_in_graph, save_adapters, shard, unwrap,
+    ANCHOR_ATTR,
+    check_in_sync,
+    ddp,
+    full_adapter_state_dict,
+    keep_adapters_in_graph,
+    save_adapters,
+    shard,
+    unwrap,
 )
 
 __all__ = ["ddp", "shard", "keep_adapters_in_graph", "full_adapter_state_dict", "save_adapters", "check_in_sync",

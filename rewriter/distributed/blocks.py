@@ -27,11 +27,11 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
+from peftfx.graph import set_submodule
+from peftfx.targets import block_of
+from peftfx.trace import owner_fqn
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
-
-from peftfx.graph import set_submodule
-from peftfx.trace import owner_fqn
 
 __all__ = ["OutlineResult", "block_prefixes", "outline_blocks"]
 
@@ -54,13 +54,10 @@ class OutlineResult:
 def block_prefixes(gm: nn.Module) -> list[str]:
     """Paths of the blocks of every block stack (``model.layers.0`` .. ``model.layers.N``; T5's
     ``encoder.block.N`` and ``decoder.block.N``), outermost stacks only, sorted by stack and index."""
-    from peftfx.passes.freeze import _BLOCK
-
     stacks: dict[str, set[int]] = {}
     for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
-        m = _BLOCK.match(name)
-        if m:
-            stacks.setdefault(m.group(1), set()).add(int(m.group(2)))
+        if (block := block_of(name)) is not None:
+            stacks.setdefault(block[0], set()).add(block[1])
     return [f"{stack}.{i}" for stack in sorted(stacks) for i in sorted(stacks[stack])]
 
 

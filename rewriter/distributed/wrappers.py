@@ -43,11 +43,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from peftfx.distributed.blocks import outline_blocks
+from peftfx.errors import PeftfxError
+from peftfx.io.checkpoint import (
+    ADAPTER_FILE,
+    _common_meta,
+    base_fingerprint,
+    write_safetensors,
+)
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
-
-from peftfx.errors import PeftfxError
 
 __all__ = [
     "ddp",
@@ -201,7 +207,6 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from peftfx.distributed.blocks import outline_blocks
 
     _check_storage(gm)
     if sync:
@@ -275,8 +280,6 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path | None
     Returns:
         The file path on rank 0, None on the other ranks.
     """
-    from peftfx.io.checkpoint import ADAPTER_FILE, _common_meta, base_fingerprint, write_safetensors
-
     gm = unwrap(model)
     tensors = full_adapter_state_dict(model)
     path = None

@@ -35,8 +35,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TRACE = 0, 1, 2, 3
 
 
 def _cmd_inspect(args) -> int:
-    import peftfx
-    from peftfx.inspect.reporting import build_report, pass_diff, render_report, write_graph
+    import peftfx  # lazy: CLI start-up time (torch loads only for commands that need it)
+    from peftfx.inspect.reporting import build_report, pass_diff, render_report, write_graph  # lazy: start-up
 
     plan = _load_plan(args.plan)
     model, inputs, name = model_from_spec(args.model, device="cpu", batch=args.batch, seq=args.seq)
@@ -59,7 +59,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_estimate(args) -> int:
-    from peftfx.inspect.estimate import estimate
+    from peftfx.inspect.estimate import estimate  # lazy: CLI start-up time
 
     plan = _load_plan(args.plan) if args.plan else None
     model, inputs, name = model_from_spec(args.model, device=args.device, batch=args.batch, seq=args.seq)
@@ -87,7 +87,7 @@ def _cmd_passes(args) -> int:
 
 
 def _load_plan(path: str):
-    from peftfx.api import as_plan
+    from peftfx.api import as_plan  # lazy: CLI start-up time
 
     if not os.path.isfile(path):
         raise UsageError(f"plan file {path!r} does not exist")

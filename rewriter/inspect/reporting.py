@@ -15,7 +15,11 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
+from peftfx.api import report
 from peftfx.errors import PeftfxError, PlanError
+from peftfx.graph import PASS_KEY
+from peftfx.kernels.backend import backend_for
+from peftfx.plan import match
 
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "pass_diff", "render_report", "render_estimate",
            "write_dot", "write_graph"]
@@ -41,8 +45,6 @@ def _target_row(gm: GraphModule, note: dict) -> dict:
     except AttributeError:
         module = None
     if module is not None and getattr(module, "weight", None) is not None:
-        from peftfx.kernels.backend import backend_for
-
         row["kernel"] = f"{note.get('kernel', type(module).__name__)} -> peftfx::qlora_linear " \
                         f"({backend_for(module.weight)})"
         if row.get("bits_per_param") is None:
@@ -68,9 +70,6 @@ def build_report(gm: GraphModule, *, model: str | None = None) -> dict:
     Raises:
         PlanError: ``gm`` was not produced by ``peftfx.compile``.
     """
-    from peftfx.api import report
-    from peftfx.plan import match
-
     records = report(gm)
     plan = gm.meta.get("peftfx.plan")
     passes, targets = [], []
@@ -104,8 +103,6 @@ def build_report(gm: GraphModule, *, model: str | None = None) -> dict:
 
 def pass_diff(gm: GraphModule, name: str, *, context: int = 2) -> str:
     """Unified diff of the graph code before and after pass ``name`` (PlanError if it did not run)."""
-    from peftfx.api import report
-
     records = report(gm)
     for rec in records:
         if rec.name == name:
@@ -152,7 +149,7 @@ def render_report(rep: dict) -> str:
 
 def render_estimate(est) -> str:
     """Human-readable table of an :class:`peftfx.estimate.Estimate`."""
-    from peftfx.inspect.estimate import format_bytes as fb
+    from peftfx.inspect.estimate import format_bytes as fb  # lazy: estimate imports this module
 
     cols = [("before (full fine-tune)", est.before)] + ([("after (plan)", est.after)] if est.after else [])
     width = 30
@@ -194,8 +191,6 @@ def _dot_quote(s: str) -> str:
 
 def write_dot(gm: GraphModule, path: str) -> None:
     """A Graphviz ``.dot`` file of ``gm``'s graph; nodes a pass created are filled (no pydot needed)."""
-    from peftfx.graph import PASS_KEY
-
     lines = ["digraph peftfx {", "  node [shape=box, fontname=monospace, fontsize=10];"]
     for n in gm.graph.nodes:
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))

@@ -24,10 +24,10 @@ import json
 from typing import Mapping
 
 import torch
-from torch import Tensor, nn
-
 from peftfx.errors import CheckpointError, KernelError
 from peftfx.kernels.formats import DYNAMIC_CODE, QuantizedWeight, code_for
+from peftfx.kernels.modules import qlora_layers
+from torch import Tensor, nn
 
 __all__ = ["to_bnb", "from_bnb", "bnb_state_dict", "to_linear4bit", "BNB_FORMATS"]
 
@@ -132,12 +132,6 @@ def from_bnb(state: Mapping[str, Tensor], *, prefix: str = "") -> tuple[Quantize
     return qw, (bias.clone() if bias is not None else None)
 
 
-def _qlora_modules(gm: nn.Module) -> dict[str, nn.Module]:
-    from peftfx.kernels.modules import QLoRALinear
-
-    return {n: m for n, m in gm.named_modules() if isinstance(m, QLoRALinear)}
-
-
 def bnb_state_dict(gm: nn.Module) -> dict[str, Tensor]:
     """``gm.state_dict()`` with every NF4/FP4 base layer in bitsandbytes' layout.
 
@@ -146,7 +140,7 @@ def bnb_state_dict(gm: nn.Module) -> dict[str, Tensor]:
     keep their peftfx names (export them with :func:`peftfx.export_peft`).
     """
     sd = gm.state_dict()
-    for fqn, m in _qlora_modules(gm).items():
+    for fqn, m in qlora_layers(gm).items():
         if m.format not in BNB_FORMATS:
             continue
         for key in [k for k in sd if k.startswith(fqn + ".weight") or k == fqn + ".bias"]:

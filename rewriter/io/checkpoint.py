@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from peftfx import __version__
+from peftfx.api import trainable_parameters
+from peftfx.errors import CheckpointError
+from peftfx.kernels.modules import qlora_layers
 from torch import Tensor, nn
 
-from peftfx.errors import CheckpointError
-
 __all__ = ["save_adapters", "load_adapters", "save_model", "load_model", "ADAPTER_FILE",
-           "qlora_modules", "base_fingerprint", "layer_info", "tensor_bytes", "tensor_sha256",
+           "base_fingerprint", "layer_info", "tensor_bytes", "tensor_sha256",
            "write_safetensors", "read_safetensors"]
 
 ADAPTER_FILE = "peftfx_adapters.safetensors"
@@ -50,17 +52,10 @@ def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
-def qlora_modules(gm: nn.Module) -> dict[str, nn.Module]:
-    """``{fqn: QLoRALinear}`` of every swapped layer (quantize-only layers included)."""
-    from peftfx.kernels.modules import QLoRALinear
-
-    return {n: m for n, m in gm.named_modules() if isinstance(m, QLoRALinear)}
-
-
 def base_fingerprint(gm: nn.Module) -> dict[str, dict[str, Any]]:
     """Per swapped layer: format, ``[out, in]`` and a sha256 over its frozen base tensors."""
     out = {}
-    for fqn, m in qlora_modules(gm).items():
+    for fqn, m in qlora_layers(gm).items():
         h = hashlib.sha256()
         for name in _BASE_BUFFERS:
             t = getattr(m, name, None)
@@ -76,7 +71,7 @@ def layer_info(gm: nn.Module) -> dict[str, dict[str, Any]]:
     return {fqn: {"format": m.format, "shape": [m.out_features, m.in_features], "block_size": m.block_size,
                   "block_size2": m.block_size2, "dtype": str(m.weight_dtype), "r": m.r, "alpha": m.alpha,
                   "scaling": float(m.scaling)}
-            for fqn, m in qlora_modules(gm).items()}
+            for fqn, m in qlora_layers(gm).items()}
 
 
 # ---------------------------------------------------------------- safetensors I/O
@@ -160,8 +155,6 @@ def _plan_dict(gm: nn.Module) -> dict | None:
 
 
 def _common_meta(gm: nn.Module, kind: str) -> dict[str, Any]:
-    from peftfx import __version__
-
     return {"peftfx.kind": kind, "peftfx.version": __version__, "peftfx.plan": _plan_dict(gm),
             "peftfx.layers": layer_info(gm)}
 
@@ -235,8 +228,6 @@ def save_adapters(gm: nn.Module, directory: str | os.PathLike) -> Path:
         >>> path = peftfx.save_adapters(gm, "out/step-100")     # doctest: +SKIP
         >>> peftfx.load_adapters(gm2, "out/step-100")          # doctest: +SKIP
     """
-    from peftfx.api import trainable_parameters
-
     params = trainable_parameters(gm)
     if not params:
         raise CheckpointError("the module has no trainable parameters to save "
@@ -264,8 +255,6 @@ def load_adapters(gm: nn.Module, directory: str | os.PathLike, *, verify_base: b
         CheckpointError: corrupt/truncated file, checksum mismatch, missing/extra keys, wrong
             shape or dtype, different layer format/scaling, or another base. ``gm`` is unchanged.
     """
-    from peftfx.api import trainable_parameters
-
     path = Path(directory)
     path = path / ADAPTER_FILE if path.is_dir() else path
     tensors, meta = read_safetensors(path)

@@ -19,21 +19,17 @@ import copy
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.fx import GraphModule
-
-from peftfx.io.checkpoint import qlora_modules
 from peftfx.errors import CheckpointError
 from peftfx.graph import set_submodule
+from peftfx.kernels import quantizer, reference
+from peftfx.kernels.modules import QLoRALinear, qlora_layers
+from torch import Tensor, nn
+from torch.fx import GraphModule
 
 __all__ = ["merge", "unmerge", "merge_report", "merged_weight", "UNMERGE_KEY", "MERGE_REPORT_KEY"]
 
 UNMERGE_KEY = "peftfx.unmerge"
 MERGE_REPORT_KEY = "peftfx.merge"
-
-
-def _lora_layers(gm: nn.Module) -> dict[str, nn.Module]:
-    return {fqn: m for fqn, m in qlora_modules(gm).items() if m.r is not None}
 
 
 def merged_weight(m: nn.Module) -> Tensor:
@@ -64,9 +60,6 @@ def _dense_module(m: nn.Module, w: Tensor) -> nn.Linear:
 
 
 def _quantized_module(m: nn.Module, w: Tensor, fqn: str) -> tuple[nn.Module, dict[str, Any]]:
-    from peftfx.kernels import reference
-    from peftfx.kernels import quantizer
-    from peftfx.kernels.modules import QLoRALinear
 
     if m.format == "none":
         return _dense_module(m, w), {"layer": fqn, "format": "none", "max_abs": 0.0, "mean_abs": 0.0}
@@ -99,7 +92,7 @@ def merge(gm: GraphModule, *, into: str = "dense") -> GraphModule:
     """
     if into not in ("dense", "quantized"):
         raise CheckpointError(f"merge(into={into!r}): expected 'dense' or 'quantized'")
-    layers = _lora_layers(gm)
+    layers = qlora_layers(gm, with_lora=True)
     if not layers:
         return gm
     new = _copy_sharing_tensors(gm)

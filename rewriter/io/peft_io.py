@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from peftfx.io.checkpoint import qlora_modules, read_safetensors
 from peftfx.errors import CheckpointError
+from peftfx.io.checkpoint import read_safetensors
+from peftfx.kernels.modules import qlora_layers
+from peftfx.kernels.prompt_modules import PrefixKV, ReparamPrefixKV, SoftPrompt
+from peftfx.passes.prefix_tuning import (
+    load_prefix_prompt_embeddings,
+    prefix_prompt_embeddings,
+)
+from torch import Tensor, nn
 
 __all__ = ["export_peft", "import_peft", "CONFIG_NAME", "WEIGHTS_NAME", "peft_key", "lora_config_fields"]
 
@@ -48,10 +53,6 @@ _UNSUPPORTED = (("use_dora", False), ("lora_bias", False), ("bias", "none"), ("m
 def peft_key(fqn: str, ab: str) -> str:
     """PEFT's safetensors key for ``lora_A`` / ``lora_B`` of module ``fqn``."""
     return f"{_PREFIX}{fqn}.lora_{ab}.weight"
-
-
-def _lora_layers(gm: nn.Module) -> dict[str, nn.Module]:
-    return {fqn: m for fqn, m in qlora_modules(gm).items() if m.r is not None}
 
 
 def _site_kinds(gm: nn.Module) -> dict[str, str]:
@@ -80,7 +81,7 @@ def _short_targets(gm: nn.Module, fqns: list[str]) -> list[str]:
 
 def lora_config_fields(gm: nn.Module) -> dict[str, Any]:
     """The LoraConfig fields that describe ``gm``'s LoRA layers (PEFT's names)."""
-    layers = _lora_layers(gm)
+    layers = qlora_layers(gm, with_lora=True)
     if not layers:
         raise CheckpointError("no LoRA layers to export (the plan has no lora section or targets)")
     rslora = Counter(m.use_rslora for m in layers.values()).most_common(1)[0][0]
@@ -180,7 +181,7 @@ def export_peft(gm: nn.Module, directory: str | os.PathLike, *, task_type: str |
     common = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
     if method == "lora":
         tensors = {}
-        for fqn, m in _lora_layers(gm).items():
+        for fqn, m in qlora_layers(gm, with_lora=True).items():
             tensors[peft_key(fqn, "A")] = m.lora_A
             tensors[peft_key(fqn, "B")] = m.lora_B
         _write_weights(directory, tensors)
@@ -199,8 +200,6 @@ def export_peft(gm: nn.Module, directory: str | os.PathLike, *, task_type: str |
 
 
 def _prompt_modules(gm: nn.Module) -> dict[str, list[nn.Module]]:
-    from peftfx.kernels.prompt_modules import PrefixKV, ReparamPrefixKV, SoftPrompt
-
     found: dict[str, list[nn.Module]] = {"prompt": [], "prefix": []}
     for m in gm.modules():
         if isinstance(m, SoftPrompt):
@@ -212,7 +211,7 @@ def _prompt_modules(gm: nn.Module) -> dict[str, list[nn.Module]]:
 
 def _methods(gm: nn.Module) -> set[str]:
     found = {k for k, v in _prompt_modules(gm).items() if v}
-    return found | ({"lora"} if _lora_layers(gm) else set())
+    return found | ({"lora"} if qlora_layers(gm, with_lora=True) else set())
 
 
 def _default_task(root: tuple[str, str] | None) -> str:
@@ -239,7 +238,6 @@ def _export_prompt(gm: nn.Module, method: str) -> tuple[str, dict, dict[str, Ten
         fields = {"num_virtual_tokens": tokens, "token_dim": hidden, "num_transformer_submodules": 1,
                   "num_attention_heads": heads, "num_layers": layers}
         return "PROMPT_TUNING", fields, {"prompt_embeddings": sp.prompt_embeddings}
-    from peftfx.passes.prefix_tuning import prefix_prompt_embeddings
 
     mods = _prompt_modules(gm)["prefix"]
     table = prefix_prompt_embeddings(gm)  # folded through the reparametrization MLP when present
@@ -263,8 +261,6 @@ def _prompt_plan(gm: nn.Module, cfg: dict, tensors: dict[str, Tensor], where: Pa
         (sp,) = _prompt_modules(gm)["prompt"]
         want, target = sp.prompt_embeddings.shape, sp.prompt_embeddings
     else:
-        from peftfx.passes.prefix_tuning import prefix_prompt_embeddings
-
         want, target = prefix_prompt_embeddings(gm).shape, None
     if t.shape != want or not t.dtype.is_floating_point:
         raise CheckpointError(f"{where}: prompt_embeddings is {t.dtype} {list(t.shape)}, this module expects "
@@ -275,8 +271,6 @@ def _prompt_plan(gm: nn.Module, cfg: dict, tensors: dict[str, Tensor], where: Pa
 
 
 def _load_prefix(gm: nn.Module, table: Tensor) -> None:
-    from peftfx.passes.prefix_tuning import load_prefix_prompt_embeddings
-
     load_prefix_prompt_embeddings(gm, table)
 
 
@@ -312,7 +306,7 @@ def _lora_plan(gm: nn.Module, cfg: dict, tensors: dict[str, Tensor], where: Path
     bad = [f"{f}={cfg[f]!r}" for f, off in _UNSUPPORTED if cfg.get(f, off) not in (off, [], {}, None, False)]
     if bad:
         raise CheckpointError(f"{where}: PEFT LoRA options peftfx does not support: {', '.join(bad)}")
-    layers = _lora_layers(gm)
+    layers = qlora_layers(gm, with_lora=True)
     found: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, t in tensors.items():

@@ -29,24 +29,25 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from peftfx.api import as_plan
+from peftfx.api import compile as compile_plan
+from peftfx.errors import CheckpointError, PeftfxError, PlanError
+from peftfx.graph import set_submodule
+from peftfx.io.checkpoint import ADAPTER_FILE, base_fingerprint, read_safetensors
+from peftfx.kernels.modules import QLoRALinear, qlora_layers
+from peftfx.kernels.multi_lora import MultiLoRALinear
+from peftfx.plan import Plan, Rule
+from peftfx.targets import LINEAR_TYPES
+from peftfx.trace import SIGNATURE_KEY
 from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
-
-from peftfx.api import as_plan, compile as compile_plan
-from peftfx.errors import CheckpointError, PeftfxError, PlanError
-from peftfx.graph import set_submodule
-from peftfx.kernels.modules import QLoRALinear
-from peftfx.kernels.multi_lora import MultiLoRALinear
-from peftfx.plan import Plan, Rule
-from peftfx.trace import SIGNATURE_KEY
 
 __all__ = ["compile_multi", "adapter_index", "add_adapter", "remove_adapter", "check_adapter_ids",
            "adapter_names", "AdapterIdError", "META_KEY", "IDS_ARG"]
 
 META_KEY = "peftfx.multi"
 IDS_ARG = "adapter_ids"
-_LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
 
 
 class AdapterIdError(PeftfxError, IndexError):
@@ -57,10 +58,6 @@ class AdapterIdError(PeftfxError, IndexError):
 
 
 def _from_folder(path: Path) -> tuple[Plan, dict[str, tuple[Tensor, Tensor, float]], dict]:
-    try:
-        from peftfx.io.checkpoint import ADAPTER_FILE, read_safetensors
-    except ModuleNotFoundError:
-        raise CheckpointError(f"{path}: reading saved adapters needs peftfx.checkpoint, missing in this build") from None
     file = path / ADAPTER_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} holds no {ADAPTER_FILE}; pass a folder written by peftfx.save_adapters "
@@ -86,8 +83,7 @@ def _from_module(gm: nn.Module) -> tuple[Plan, dict[str, tuple[Tensor, Tensor, f
     plan = getattr(gm, "meta", {}).get("peftfx.plan")
     if plan is None:
         raise PlanError("an adapter given as a module must come from peftfx.compile (it has no plan attached)")
-    weights = {n: (m.lora_A, m.lora_B, float(m.scaling)) for n, m in gm.named_modules()
-               if isinstance(m, QLoRALinear) and m.lora_A is not None}
+    weights = {n: (m.lora_A, m.lora_B, float(m.scaling)) for n, m in qlora_layers(gm, with_lora=True).items()}
     return plan, weights
 
 
@@ -122,7 +118,7 @@ def _check_plan(name: str, plan: Plan) -> Plan:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m).__name__ in _LINEAR_TYPES]
+    return [n for n, m in model.named_modules() if type(m).__name__ in LINEAR_TYPES]
 
 
 def _resolve(plan: Plan, names: list[str]) -> tuple[dict, dict]:
@@ -370,8 +366,6 @@ def _check_fingerprint(gm: nn.Module, name: str, saved: dict) -> None:
     """Refuse adapters saved on another frozen base (compares checkpoint.base_fingerprint per layer)."""
     if not saved:
         return
-    from peftfx.io.checkpoint import base_fingerprint
-
     now = {fqn.removesuffix(".base"): v for fqn, v in base_fingerprint(gm).items()}
     for fqn, info in saved.items():
         if fqn in now and now[fqn]["sha256"] != info.get("sha256"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from peftfx.io.bnb_io import bnb_state_dict, from_bnb, to_bnb, to_linear4bit
-from peftfx.io.checkpoint import qlora_modules
+from peftfx.kernels.modules import qlora_layers
 from peftfx.errors import CheckpointError
 from peftfx.kernels import quantizer
 from peftfx.kernels.modules import QLoRALinear
@@ -60,7 +60,7 @@ def test_linear4bit_with_our_codes_matches_our_layer(dq, shape):
 def test_bnb_state_dict_of_a_compiled_model():
     gm, _ = fresh("llama", "nf4")
     sd = bnb_state_dict(gm)
-    for fqn, m in qlora_modules(gm).items():
+    for fqn, m in qlora_layers(gm).items():
         assert f"{fqn}.weight.quant_state.bitsandbytes__nf4" in sd and f"{fqn}.weight_scales" not in sd
         assert same_bytes(sd[f"{fqn}.weight"].reshape(-1), m.weight)
         assert same_bytes(sd[f"{fqn}.lora_A"], m.lora_A)  # adapters keep their names

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import peftfx
-from peftfx.io.checkpoint import qlora_modules
+from peftfx.kernels.modules import qlora_layers
 from peftfx.errors import CheckpointError
 from peftfx.kernels import reference
 from peftfx.io.merging import merge_report, merged_weight
@@ -25,8 +25,8 @@ def test_dense_merge_equals_unmerged(name, fmt):
     before = {k: v.detach().clone() for k, v in gm.state_dict().items()}
     ref = _logits(gm, case)
     merged = peftfx.merge(gm)
-    assert merged is not gm and not qlora_modules(merged)
-    lins = [m for n, m in merged.named_modules() if n in qlora_modules(gm)]
+    assert merged is not gm and not qlora_layers(merged)
+    lins = [m for n, m in merged.named_modules() if n in qlora_layers(gm)]
     assert lins and all(type(m) is nn.Linear for m in lins)
     assert not peftfx.trainable_parameters(merged)
     assert (_logits(merged, case) - ref).abs().max().item() <= 1e-5
@@ -51,7 +51,7 @@ def test_quantized_merge_reports_its_error():
     dense = peftfx.merge(gm)
     q = peftfx.merge(gm, into="quantized")
     report = merge_report(q)
-    layers = qlora_modules(gm)
+    layers = qlora_layers(gm)
     assert [r["layer"] for r in report] == list(layers)
     for r in report:
         m = layers[r["layer"]]
@@ -73,7 +73,7 @@ def test_unmerge_restores_the_adapters_exactly():
     ref = _logits(gm, case)
     for into in ("dense", "quantized"):
         back = peftfx.unmerge(peftfx.merge(gm, into=into))
-        assert set(qlora_modules(back)) == set(qlora_modules(gm))
+        assert set(qlora_layers(back)) == set(qlora_layers(gm))
         a, b = gm.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
         assert torch.equal(_logits(back, case), ref)

@@ -10,7 +10,7 @@ import torch
 
 import peftfx
 from peftfx.io.bnb_io import to_linear4bit
-from peftfx.io.checkpoint import qlora_modules
+from peftfx.kernels.modules import qlora_layers
 from peftfx.errors import CheckpointError
 from peftfx.io.peft_io import CONFIG_NAME, WEIGHTS_NAME, _write_config, lora_config_fields
 from tests.model_zoo import make_case
@@ -26,7 +26,7 @@ CASES = [("llama", "none", 1e-5), ("gpt2", "none", 1e-5), ("llama", "nf4", 1e-4)
 def _peft_base(name: str, gm):
     """The same tiny model; NF4 targets become bitsandbytes Linear4bit modules with our exact codes."""
     base = make_case(name).model
-    for fqn, m in qlora_modules(gm).items():
+    for fqn, m in qlora_layers(gm).items():
         if m.format != "none":
             pytest.importorskip("bitsandbytes")
             base.set_submodule(fqn, to_linear4bit(m))
@@ -52,7 +52,7 @@ def test_export_loads_in_peft_with_same_logits(tmp_path, name, fmt, atol):
     if fmt == "nf4":  # PEFT really runs its bitsandbytes LoRA layer over bnb's 4-bit base
         from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-        assert sum(isinstance(m, PeftLinear4bit) for m in model.modules()) == len(qlora_modules(gm))
+        assert sum(isinstance(m, PeftLinear4bit) for m in model.modules()) == len(qlora_layers(gm))
     ours, theirs = _logits(gm, case), _logits(model, case)
     assert _max_diff(ours, _logits(_peft_base(name, gm), case)) > 1e-3  # LoRA really changes the output
     assert _max_diff(ours, theirs) <= atol
