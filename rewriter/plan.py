@@ -171,7 +171,9 @@ class LoRASpec(_Spec):
         dropout: dropout on the LoRA input, in [0, 1).
         use_rslora: scale by ``alpha/sqrt(r)`` (rank-stabilized LoRA).
         targets: patterns for this section; None means the plan's top-level targets.
-        init: ``"default"`` (Kaiming-uniform A, zero B, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)).
+        init: how A starts (B starts at zero), PEFT's ``init_lora_weights``: ``"default"``
+            (Kaiming-uniform, as ``nn.Linear``) or ``"gaussian"`` (N(0, std=1/r)); see
+            :func:`peftfx.kernels.modules.init_lora_`, which compile and multi-adapter both call.
     """
 
     _section: ClassVar[str] = "lora"
@@ -212,7 +214,9 @@ class PrefixTuningSpec(_Spec):
         tokens: prefix length P (>= 1).
         reparametrize: train through an MLP (Li & Liang), folded into plain tensors for export.
         hidden: hidden size of the reparametrization MLP.
-        init: ``"random"``.
+        init: ``"random"``, the only choice: each prefix starts at N(0, 0.02²) (small, so the
+            frozen model barely changes before training); with ``reparametrize`` the MLP starts as
+            PEFT's (N(0, 1) embedding, ``nn.Linear`` init). Other values are refused.
     """
 
     _section: ClassVar[str] = "prefix"
