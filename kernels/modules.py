@@ -57,6 +57,10 @@ class QLoRALinear(nn.Module):
         compute_dtype: dtype of the frozen base GEMM: None (the input's), a dtype name, or ``"auto"``
             (bf16 where the device has fast bf16 GEMMs, e.g. AMX CPUs; see :mod:`peftfx.kernels.cpu_gemm`).
 
+    A module dtype cast (``.to(dtype)``, ``.half()``, ``.bfloat16()``) casts the adapter and the bias but
+    never the quantization state (:attr:`QUANT_STATE`) or the packed codes: they keep their dtype bit for
+    bit (fp32 scales, as bitsandbytes keeps its absmax), so the dequantized weight does not move. Device moves apply to everything.
+
     Example::
 
         >>> from peftfx.kernels.quantizer import quantize
@@ -127,6 +131,24 @@ class QLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=lora_dtype))
         init_lora_(self.lora_A, self.lora_B, init, name=name)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # fp32 buffers the packed codes are decoded with; a dtype cast must not round them (see _apply)
+    QUANT_STATE = ("weight_scales", "weight_scales2", "weight_offset")
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module._apply, except that the quantization state and the packed codes keep their dtype.
+
+        ``.to(dtype)`` / ``.half()`` would round the fp32 scales; ``.type(dtype)`` would even turn the
+        packed bytes into floats. Device moves still apply to every buffer.
+        """
+        kept = self.QUANT_STATE + (("weight",) if self.format != "none" else ())
+        state = {n: t for n in kept if (t := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in state.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # fn cast the dtype: redo it as a pure device move from the original
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def _buffer_or_none(self, name: str, t: Tensor | None) -> None:
         # torch.export mishandles buffers registered as None: keep absent ones plain attributes.
