@@ -22,11 +22,18 @@ cast, saying to compile a model of that dtype. Quantization state never changes 
 from __future__ import annotations
 
 import copy
+import marshal
+import math
+import pickle
+import sys
+import types
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch._export import non_strict_utils
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
 from peftfx.errors import TraceError
 
@@ -53,13 +60,6 @@ class _GuardsForward:
     """
 
     def __init__(self, code: bytes, python: tuple[int, int]) -> None:
-        import math
-        import marshal
-        import sys
-        import types
-
-        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-
         if tuple(sys.version_info[:2]) != tuple(python):
             raise TraceError(f"this compiled module was pickled under Python {python[0]}.{python[1]} and its input "
                              f"guards cannot load under {sys.version_info[0]}.{sys.version_info[1]}; compile the "
@@ -71,9 +71,6 @@ class _GuardsForward:
     @classmethod
     def wrap(cls, forward: Callable) -> _GuardsForward | None:
         """From export's wrapped function (None when it is not the expected shape)."""
-        import marshal
-        import sys
-
         inner = next((c.cell_contents for c in getattr(forward, "__closure__", None) or ()
                       if callable(getattr(c, "cell_contents", None)) and getattr(c.cell_contents, "__name__", "") == "_"),
                      None)
@@ -88,14 +85,12 @@ class _GuardsForward:
 
 def _replace_export_lambdas(gm: GraphModule) -> None:
     """Swap ``_create_stateful_graph_module``'s lambda hooks for :class:`_ModuleInputTypes` (same keys)."""
-    from torch._export import non_strict_utils as nsu
-
     for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
         for key, hook in list(hooks.items()):
             code = getattr(hook, "__code__", None)
             if code is None or hook.__name__ != "<lambda>" or code.co_freevars != ("module_types",):
                 continue
-            fn = next((getattr(nsu, n) for n in code.co_names if n.endswith("_graph_inputs_of_type_nn_module")), None)
+            fn = next((getattr(non_strict_utils, n) for n in code.co_names if n.endswith("_graph_inputs_of_type_nn_module")), None)
             if fn is not None:
                 hooks[key] = _ModuleInputTypes(fn, hook.__closure__[0].cell_contents)
     guards = gm._modules.get("_guards_fn")
@@ -153,8 +148,6 @@ def _plain_val(val: Any) -> Any:
 
 
 def _picklable(value: Any) -> bool:
-    import pickle
-
     try:
         pickle.dumps(value)
     except Exception:  # noqa: BLE001 - any failure means "leave this meta entry out"
