@@ -36,7 +36,8 @@ def init_lora_(lora_A: Tensor, lora_B: Tensor, init: str = "default", *, name: s
         elif init == "gaussian":
             nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
         else:
-            raise KernelError(f"{layer_prefix(name)}LoRA init {init!r} is not one of {', '.join(map(repr, LORA_INITS))}")
+            allowed = ", ".join(map(repr, LORA_INITS))
+            raise KernelError(f"{layer_prefix(name)}LoRA init {init!r} is not one of {allowed}")
         lora_B.zero_()
 
 
@@ -59,7 +60,8 @@ class QLoRALinear(nn.Module):
 
     A module dtype cast (``.to(dtype)``, ``.half()``, ``.bfloat16()``) casts the adapter and the bias but
     never the quantization state (:attr:`QUANT_STATE`) or the packed codes: they keep their dtype bit for
-    bit (fp32 scales, as bitsandbytes keeps its absmax), so the dequantized weight does not move. Device moves apply to everything.
+    bit (fp32 scales, as bitsandbytes keeps its absmax), so the dequantized weight does not move.
+    Device moves apply to everything.
 
     Example::
 

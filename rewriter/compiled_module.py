@@ -15,8 +15,8 @@ all round-trip with the hooks (signature check, multi-adapter ids) in place.
 **dtype casts.** Export specializes the graph to the dtypes it was captured with (casts and
 ``_assert_tensor_metadata`` checks are baked in), so ``gm.to(torch.bfloat16)`` used to fail deep
 inside the first forward with "Tensor dtype mismatch". A cast that would change the dtype of any
-frozen floating tensor of the module (the model's own weights and buffers) now raises :class:`~peftfx.errors.TraceError` before anything is
-cast, saying to compile a model of that dtype. Quantization state never changes under a cast
+frozen floating tensor of the module (the model's own weights and buffers) now raises
+:class:`~peftfx.errors.TraceError` before anything is cast, saying to compile a model of that dtype. Quantization state never changes under a cast
 (see :class:`~peftfx.kernels.modules.QLoRALinear`); device moves are untouched.
 """
 from __future__ import annotations
@@ -71,9 +71,8 @@ class _GuardsForward:
     @classmethod
     def wrap(cls, forward: Callable) -> _GuardsForward | None:
         """From export's wrapped function (None when it is not the expected shape)."""
-        inner = next((c.cell_contents for c in getattr(forward, "__closure__", None) or ()
-                      if callable(getattr(c, "cell_contents", None)) and getattr(c.cell_contents, "__name__", "") == "_"),
-                     None)
+        cells = [c.cell_contents for c in getattr(forward, "__closure__", None) or ()]
+        inner = next((f for f in cells if callable(f) and getattr(f, "__name__", "") == "_"), None)
         return None if inner is None else cls(marshal.dumps(inner.__code__), tuple(sys.version_info[:2]))
 
     def __call__(self, *args: Any) -> None:
@@ -90,7 +89,8 @@ def _replace_export_lambdas(gm: GraphModule) -> None:
             code = getattr(hook, "__code__", None)
             if code is None or hook.__name__ != "<lambda>" or code.co_freevars != ("module_types",):
                 continue
-            fn = next((getattr(non_strict_utils, n) for n in code.co_names if n.endswith("_graph_inputs_of_type_nn_module")), None)
+            fn = next((getattr(non_strict_utils, n) for n in code.co_names
+                       if n.endswith("_graph_inputs_of_type_nn_module")), None)
             if fn is not None:
                 hooks[key] = _ModuleInputTypes(fn, hook.__closure__[0].cell_contents)
     guards = gm._modules.get("_guards_fn")
