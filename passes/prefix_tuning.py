@@ -12,11 +12,21 @@ heads before SDPA (``repeat_kv``: ``reshape(expand(x[:, :, None], [B, n_kv, n_re
 ``n_rep`` off the 5-d expand and repeat the prefix the same way. Otherwise ``n_kv`` is K's head
 count (also with ``enable_gqa=True``, where SDPA repeats internally).
 
-**Positions.** Real tokens take positions P..P+S-1, as behind a KV cache of length P (PEFT):
-position sources feeding queries/keys (an ``arange`` of the sequence length: Llama-family
-RoPE, GPT-2's ``wpe``; or a slice of a ``*position*`` buffer: BERT) are shifted by P. Only edges
-that lead to an SDPA's q/k are shifted, so masks built from the same lengths are untouched.
-Relative position biases (T5) live in the float mask and get 0.0 prefix columns.
+**Positions.** Real tokens take positions P..P+S-1, as behind a KV cache of length P (PEFT).
+Positions are found by what they compute: a counter along the sequence dim whose values flow
+into an SDPA's query or key (through a position-embedding lookup or rotary cos/sin). Three
+computations count positions, and each is shifted by P:
+
+* an ``arange`` of the sequence length (Llama-family RoPE, GPT-2's ``wpe``): ``arange + P``;
+* a slice of a ``*position*`` buffer (BERT's ``position_ids``): the slice starts P later;
+* a ``cumsum`` along the sequence of the attention mask (OPT's and BioGPT's learned positions
+  ``cumsum(mask) * mask - 1``, RoBERTa's ``cumsum(ids != pad) * mask + pad``): ``cumsum + P``, which
+  is exactly the cumsum over PEFT's mask with P leading ones, so padded tokens keep their position.
+
+Only edges that lead to an SDPA's q/k are shifted, so masks built from the same lengths are
+untouched; the pass notes list each shifted node (``positions_shifted``). Relative position
+biases (T5) live in the float mask and get 0.0 prefix columns. Not handled: ALiBi (Bloom,
+Falcon), whose position bias is built from the mask's cumsum into the float mask, not into q/k.
 
 **Reparametrization** (``reparametrize = true``): one :class:`PrefixEncoder` (``prefix_encoder``)
 computes all calls' K/V in PEFT's ``prompt_embeddings`` layout; :func:`fold_prefix_encoder` turns
@@ -91,8 +101,8 @@ def _check_no_sdpa(gm: GraphModule, ctx: PassContext) -> None:
     raise RewriteError(
         f"prefix tuning found no aten.scaled_dot_product_attention call in the graph; it found "
         f"{_describe_attention(gm)}" + (f" (config attn_implementation={impl!r})" if impl else "") + ". "
-        f"Load the model with attn_implementation='sdpa' (from_pretrained(..., attn_implementation='sdpa') "
-        f"or model.set_attn_implementation('sdpa')) or call F.scaled_dot_product_attention in your module."
+        "Load the model with attn_implementation='sdpa' (from_pretrained(..., attn_implementation='sdpa') "
+        "or model.set_attn_implementation('sdpa')) or call F.scaled_dot_product_attention in your module."
     )
 
 
@@ -118,13 +128,18 @@ def _shift_positions(gm: GraphModule, sdpas: list[Node], tokens: int) -> list[st
     for node in list(graph.nodes):
         if node not in feeds_qk or node.op != "call_function" or _val(node) is None:
             continue
-        if node.target in _ARANGES and node.meta["val"].dim() == 1 and _expr(node.meta["val"].shape[0]) in seq:
+        val = node.meta["val"]
+        counts = (node.target in _ARANGES and val.dim() == 1 and _expr(val.shape[0]) in seq) or (
+            node.target == aten.cumsum.default and val.dim() >= 2 and node.args[1] in (1 - val.dim(), val.dim() - 1)
+            and _expr(val.shape[-1]) in seq)
+        if counts:  # arange(S) or cumsum(mask, seq dim): add P on the edges into q/k
             users = [u for u in node.users if u in feeds_qk]
             with graph.inserting_after(node):
                 add = stamp(graph.call_function(aten.add.Tensor, (node, tokens)), _PASS, owner_fqn(node), like=node)
             for u in users:
                 u.replace_input_with(node, add)
-            shifted.append(f"{node.name} (+{tokens})")
+            kind = "arange" if node.target in _ARANGES else "cumsum along the sequence"
+            shifted.append(f"{node.name} ({kind} in {owner_fqn(node) or 'the model'}, +{tokens})")
         elif (node.target == aten.slice.Tensor and node.args[0].op == "get_attr"
               and "position" in node.args[0].target and _expr(node.meta["val"].shape[-1]) in seq):
             dim = node.args[1] if len(node.args) > 1 else 0

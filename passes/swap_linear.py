@@ -36,7 +36,8 @@ def _lora_kwargs(target: Target, in_features: int, out_features: int) -> dict:
     if lora is None:
         return {"r": None, "alpha": 1.0}
     lora.check_fits(in_features, out_features, target.site.fqn)
-    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "use_rslora": lora.use_rslora}
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "use_rslora": lora.use_rslora,
+            "init": lora.init}
 
 
 def _compute_dtype(target: Target) -> str | None:

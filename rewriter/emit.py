@@ -2,12 +2,14 @@
 
 Separate from the passes so every plan ends the same way: after emit the GraphModule holds only
 tensors its graph reads (released dense weights are gone for good), is in the source model's
-train/eval mode, and carries the plan and the pass report in ``gm.meta``.
+train/eval mode, carries the plan and the pass report in ``gm.meta``, pickles with its graph and
+refuses dtype casts its graph cannot run (:mod:`peftfx.compiled_module`).
 """
 from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from peftfx.compiled_module import install
 from peftfx.graph import delete_attr
 
 __all__ = ["emit", "REPORT_KEY", "PLAN_KEY"]
@@ -42,4 +44,4 @@ def emit(gm: GraphModule, *, training: bool, plan, records: list) -> GraphModule
     gm.meta[PLAN_KEY] = plan
     gm.meta[REPORT_KEY] = list(records)
     gm.meta["peftfx.dropped"] = dropped
-    return gm
+    return install(gm)

@@ -29,7 +29,7 @@ from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 from peftfx.errors import PlanError
-from peftfx.kernels.choices import COMPUTE_DTYPE_CHOICES
+from peftfx.kernels.choices import COMPUTE_DTYPE_CHOICES, LORA_INITS
 from peftfx.kernels.choices import FORMATS as QUANT_FORMATS
 from peftfx.plan_io import (
     FrozenDict,
@@ -180,7 +180,9 @@ class LoRASpec(_Spec):
         dropout: dropout on the LoRA input, in [0, 1).
         use_rslora: scale by ``alpha/sqrt(r)`` (rank-stabilized LoRA).
         targets: patterns for this section; None means the plan's top-level targets.
-        init: ``"default"`` (Kaiming-uniform A, zero B, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)).
+        init: how A starts (B starts at zero), PEFT's ``init_lora_weights``: ``"default"``
+            (Kaiming-uniform, as ``nn.Linear``) or ``"gaussian"`` (N(0, std=1/r)); see
+            :func:`peftfx.kernels.modules.init_lora_`, which compile and multi-adapter both call.
     """
 
     _section: ClassVar[str] = "lora"
@@ -196,7 +198,7 @@ class LoRASpec(_Spec):
         check_num("lora.alpha", self.alpha, gt=0)
         check_num("lora.dropout", self.dropout, ge=0, lt=1)
         check_bool("lora.use_rslora", self.use_rslora)
-        check_choice("lora.init", self.init, ("default", "gaussian"))
+        check_choice("lora.init", self.init, LORA_INITS)
         object.__setattr__(self, "targets", _targets("lora.targets", self.targets, optional=True))
 
     @property
@@ -221,7 +223,9 @@ class PrefixTuningSpec(_Spec):
         tokens: prefix length P (>= 1).
         reparametrize: train through an MLP (Li & Liang), folded into plain tensors for export.
         hidden: hidden size of the reparametrization MLP.
-        init: ``"random"``.
+        init: ``"random"``, the only choice: each prefix starts at N(0, 0.02²) (small, so the
+            frozen model barely changes before training); with ``reparametrize`` the MLP starts as
+            PEFT's (N(0, 1) embedding, ``nn.Linear`` init). Other values are refused.
     """
 
     _section: ClassVar[str] = "prefix"

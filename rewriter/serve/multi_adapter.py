@@ -22,7 +22,6 @@ tensors in place (no re-tracing); a removed adapter's slot serves the base model
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -34,7 +33,7 @@ from peftfx.api import compile as compile_plan
 from peftfx.errors import CheckpointError, PeftfxError, PlanError
 from peftfx.graph import set_submodule
 from peftfx.io.checkpoint import ADAPTER_FILE, base_fingerprint, read_safetensors
-from peftfx.kernels.modules import QLoRALinear, qlora_layers
+from peftfx.kernels.modules import QLoRALinear, init_lora_, qlora_layers
 from peftfx.kernels.multi_lora import MultiLoRALinear
 from peftfx.plan import Plan, Rule
 from peftfx.targets import LINEAR_TYPES
@@ -352,14 +351,12 @@ def _add_loaded(gm: nn.Module, name: str, loaded: tuple) -> int:
 
 
 def _fresh(spec, layer: MultiLoRALinear) -> tuple[Tensor, Tensor, float]:
-    """PEFT's initialization: A Kaiming-uniform (or N(0, 1/r)), B zero, so the adapter starts as the base."""
+    """PEFT's initialization (:func:`init_lora_`), B zero, so the adapter starts as the base."""
     spec.check_fits(layer.in_features, layer.out_features, layer.name)
     a = torch.empty(spec.r, layer.in_features, device=layer.lora_A.device)
-    if spec.init == "gaussian":
-        nn.init.normal_(a, std=1 / spec.r)
-    else:
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    return a, torch.zeros(layer.out_features, spec.r, device=a.device), spec.scaling
+    b = torch.empty(layer.out_features, spec.r, device=a.device)
+    init_lora_(a, b, spec.init, name=layer.name)
+    return a, b, spec.scaling
 
 
 def _check_fingerprint(gm: nn.Module, name: str, saved: dict) -> None:
