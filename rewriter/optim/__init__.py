@@ -13,8 +13,22 @@ The update kernels live in ``peftfx.kernels.blockwise8bit`` (CPU, the reference)
 """
 from __future__ import annotations
 
-from peftfx.optim.adamw import AdamW8bit, PagedAdamW, PagedAdamW8bit
-from peftfx.optim.state_bytes import OPTIMIZER_NAMES, optimizer_state_bytes, tensor_state_bytes
+import importlib
+from typing import Any
 
-__all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "OPTIMIZER_NAMES", "optimizer_state_bytes",
-           "tensor_state_bytes"]
+# Lazy, as peftfx's own names: ``peftfx --help`` reads OPTIMIZER_NAMES without importing torch.
+_LAZY = {"AdamW8bit": "peftfx.optim.adamw", "PagedAdamW": "peftfx.optim.adamw", "PagedAdamW8bit": "peftfx.optim.adamw",
+         "OPTIMIZER_NAMES": "peftfx.optim.state_bytes", "optimizer_state_bytes": "peftfx.optim.state_bytes",
+         "tensor_state_bytes": "peftfx.optim.state_bytes"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftfx.optim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

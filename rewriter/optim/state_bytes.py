@@ -15,20 +15,24 @@ Every variant also keeps a 4-byte ``step`` counter per tensor on the host (not c
 """
 from __future__ import annotations
 
-from typing import Iterable
-
-import torch
+from typing import TYPE_CHECKING, Iterable
 
 from peftfx.errors import PlanError
-from peftfx.kernels.blockwise8bit import BLOCK, MIN_8BIT_NUMEL, n_state_blocks
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["OPTIMIZER_NAMES", "optimizer_state_bytes", "tensor_state_bytes"]
 
 OPTIMIZER_NAMES = ("adamw", "sgd", "adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 
 
-def tensor_state_bytes(numel: int, name: str, element_size: int = 4, min_8bit_size: int = MIN_8BIT_NUMEL) -> int:
-    """State bytes of one tensor of ``numel`` elements under optimizer ``name`` (module docstring)."""
+def tensor_state_bytes(numel: int, name: str, element_size: int = 4, min_8bit_size: int | None = None) -> int:
+    """State bytes of one tensor of ``numel`` elements under optimizer ``name`` (module docstring);
+    ``min_8bit_size`` defaults to the optimizers' 4096."""
+    from peftfx.kernels.blockwise8bit import MIN_8BIT_NUMEL, n_state_blocks  # torch: not at import time
+
+    min_8bit_size = MIN_8BIT_NUMEL if min_8bit_size is None else min_8bit_size
     if name == "sgd" or numel == 0:
         return 0
     if name == "adamw":
@@ -55,5 +59,3 @@ def optimizer_state_bytes(params: Iterable[torch.Tensor | int], name: str, devic
         return 2 * max(per_tensor, default=0)
     return sum(per_tensor)
 
-
-assert BLOCK == 256  # the docstring's arithmetic
