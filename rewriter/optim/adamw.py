@@ -148,13 +148,16 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _nonfinite(grads: list[Tensor]) -> list[int]:
-        """Indices of gradients holding NaN/Inf: one sum per gradient and one host sync for all of them
-        (a finite gradient whose sum overflows is re-checked element-wise)."""
-        if not grads:
-            return []
-        sums = torch.stack([_local(g).sum(dtype=torch.float32).to("cpu", non_blocking=False) for g in grads])
-        suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
-        return [j for j in suspects if not bool(torch.isfinite(_local(grads[j])).all())]
+        """Indices of gradients holding NaN/Inf: one sum per gradient and one host sync per device (a finite
+        gradient whose sum overflows is re-checked element-wise)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for j, g in enumerate(grads):
+            by_device.setdefault(_local(g).device, []).append(j)
+        suspects = []
+        for idx in by_device.values():
+            sums = torch.stack([_local(grads[j]).sum(dtype=torch.float32) for j in idx])
+            suspects += [idx[k] for k in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
+        return sorted(j for j in suspects if not bool(torch.isfinite(_local(grads[j])).all()))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

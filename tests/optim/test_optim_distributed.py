@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftfx.optim import AdamW8bit
-from tests.rewriter.test_distributed import WORLD, run_workers
+from tests.rewriter.test_distributed import WORLD, load_rank_results, run_workers
 
 STEPS = 3
 PER_RANK = 4
@@ -96,10 +96,7 @@ def _reference() -> dict:
 def results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("optim_dist"))
     codes, reference = run_workers(_worker, outdir, meanwhile=_reference)
-    ranks = []
-    for rank in range(WORLD):
-        path = os.path.join(outdir, f"rank{rank}.pt")
-        ranks.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    ranks = load_rank_results(outdir)
     for r in ranks:
         for scenario in r.values():
             assert "error" not in scenario, scenario.get("error")
