@@ -31,7 +31,7 @@ def adamw8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, maps_ptr, tables_ptr, 
                      beta1, beta2, one_minus_beta1, one_minus_beta2, decay, neg_step_size, eps_hat, min_absmax,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """codes ``[2, n]`` uint8 and absmax ``[2, nb]`` fp32 (row 0 first moment, row 1 second), in place."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: codes_ptr + n + offs passes 2**31
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = offs < n
     rmask = rows < nb

@@ -90,13 +90,14 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
 
     def _new_state(self, p: Tensor) -> dict[str, Tensor]:
         local = _local(p)
+        device = self._state_device(local)
         if self._uses_8bit(p):
-            codes, absmax = new_state(local.numel(), local.device)
+            codes, absmax = new_state(local.numel(), device)
             state = {"codes": codes, "absmax": absmax}
         else:
-            state = {"exp_avg": torch.zeros(local.shape, dtype=torch.float32, device=local.device),
-                     "exp_avg_sq": torch.zeros(local.shape, dtype=torch.float32, device=local.device)}
-        if self._state_device(local).type == "cpu" and local.is_cuda:  # paged: pinned host memory
+            state = {"exp_avg": torch.zeros(local.shape, dtype=torch.float32, device=device),
+                     "exp_avg_sq": torch.zeros(local.shape, dtype=torch.float32, device=device)}
+        if device.type == "cpu" and local.is_cuda:  # paged: pinned host memory
             state = {k: pinned_like(v).copy_(v) for k, v in state.items()}
         state["step"] = torch.tensor(0.0)
         return state
