@@ -233,10 +233,9 @@ def adamw8bit_step_(p: Tensor, g: Tensor, codes: Tensor, absmax: Tensor, h: Adam
         S, idx = ws.s[:2 * Lp].view(2, Lp), ws.i[:2 * Lp].view(2, Lp)
         m, v, t, a = S[0, :L], S[1, :L], ws.t[:L], ws.a[:, :nb]
         g32 = gf[s:s + L] if fp32_grad else ws.g[:L].copy_(gf[s:s + L])
-        # dequantize: [m; v] = maps[codes (+256 for v)] * (absmax * [beta1; beta2])
+        # dequantize: [m; v] = [map1; map2][codes] * (absmax * [beta1; beta2])
         idx[:, :L].copy_(codes[:, s:s + L])
-        idx[1, :L].add_(256)
-        _dequantize_into(S, idx, L, Lp, maps, ws)
+        _dequantize_into(S, idx, L, Lp, maps)
         S.view(2, nb, BLOCK).mul_(torch.mul(absmax[:, bs:bs + nb], ws.betas, out=a).unsqueeze(2))
         m.add_(g32, alpha=1 - h.beta1)
         v.addcmul_(g32, g32, value=1 - h.beta2)
@@ -250,14 +249,14 @@ def adamw8bit_step_(p: Tensor, g: Tensor, codes: Tensor, absmax: Tensor, h: Adam
         _quantize_into(S, idx, L, nb, absmax[:, bs:bs + nb], codes[:, s:s + L], code_tables, ws)
 
 
-def _dequantize_into(S: Tensor, idx: Tensor, L: int, Lp: int, maps: Tensor, ws: _Workspace) -> None:
-    """``S[j, :L] = maps[idx[j, :L]]``; the short last block's tail ``S[:, L:Lp]`` is zeroed (absmax ignores it)."""
-    if L == Lp:
-        torch.index_select(maps, 0, idx.view(-1), out=S.view(-1))
-        return
-    idx[:, L:].zero_()
-    torch.index_select(maps, 0, idx.view(-1), out=S.view(-1))
-    S[:, L:].zero_()
+def _dequantize_into(S: Tensor, idx: Tensor, L: int, Lp: int, maps: Tensor) -> None:
+    """``S[j, :L] = map_j[idx[j, :L]]``; the short last block's tail ``S[:, L:Lp]`` is zeroed (absmax ignores it)."""
+    if L != Lp:
+        idx[:, L:].zero_()
+    torch.index_select(maps[:256], 0, idx[0], out=S[0])  # one lookup per row: no "+256" pass over v's codes
+    torch.index_select(maps[256:], 0, idx[1], out=S[1])
+    if L != Lp:
+        S[:, L:].zero_()
 
 
 def _quantize_into(S: Tensor, idx: Tensor, L: int, nb: int, absmax_out: Tensor, codes_out: Tensor,
@@ -275,8 +274,10 @@ def _quantize_into(S: Tensor, idx: Tensor, L: int, nb: int, absmax_out: Tensor, 
     k0 = k[0]  # sortable key of m in place; v >= +0 already is its own key (it is never -0.0 or NaN)
     torch.bitwise_right_shift(k0, 31, out=idx[0]).bitwise_and_(0x7FFFFFFF)
     k0.bitwise_xor_(idx[0])
-    torch.bitwise_right_shift(k, 16, out=idx).add_(32768)
-    idx[1].add_(65536)
-    out = torch.index_select(code_tables, 0, idx.view(-1), out=ws.t[:idx.numel()].view(torch.int32))
-    out.add_(k.view(-1)).bitwise_right_shift_(16)
-    codes_out.copy_(out.view(2, -1)[:, :L])
+    torch.bitwise_right_shift(k, 16, out=idx)
+    idx[0].add_(32768)  # m's buckets run from -32768; v's from 0 index the table from its middle (a view)
+    out = ws.t[:idx.numel()].view(torch.int32).view(idx.shape)
+    torch.index_select(code_tables[:65536], 0, idx[0], out=out[0])
+    torch.index_select(code_tables[65536 + 32768:], 0, idx[1], out=out[1])
+    out.add_(k).bitwise_right_shift_(16)
+    codes_out.copy_(out[:, :L])

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from peftfx.errors import KernelError
 
-__all__ = ["NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "dynamic_map", "FORMATS", "QuantizedWeight", "code_for", "layer_prefix",
-           "check_block_size", "n_blocks_for"]
+__all__ = ["NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "dynamic_map", "FORMATS", "QuantizedWeight", "code_for",
+           "layer_prefix", "check_block_size", "n_blocks_for"]
 
 FORMATS = ("none", "nf4", "fp4", "int8", "int8-zeropoint", "llm-int8")
 

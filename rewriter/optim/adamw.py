@@ -123,7 +123,8 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         if bad:
             names = ", ".join(self._name(work[j][0], work[j][1]) for j in bad)
             if not self.skip_nonfinite:
-                raise KernelError(f"non-finite gradient (NaN or Inf) in {names}; nothing was updated. Lower the "
+                raise KernelError(f"non-finite gradient (NaN, Inf, or |g| >= 1.8e19 whose square overflows fp32) in "
+                                  f"{names}; nothing was updated. Lower the "
                                   "learning rate, use AMP's GradScaler, or pass skip_nonfinite=True to skip such steps")
             warnings.warn(f"{type(self).__name__}: skipped the step, non-finite gradient in {names}", stacklevel=2)
             return loss
@@ -149,16 +150,18 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _nonfinite(grads: list[Tensor]) -> list[int]:
-        """Indices of gradients holding NaN/Inf: one sum per gradient and one host sync per device (a finite
-        gradient whose sum overflows is re-checked element-wise)."""
+        """Indices of gradients with a NaN/Inf or an element whose square overflows fp32 (|g| >= ~1.8e19 would
+        make the second moment infinite). One dot product g.g per gradient and one host sync per device; a
+        gradient whose g.g overflows while every g*g is finite is re-checked element-wise and passes."""
         by_device: dict[torch.device, list[int]] = {}
         for j, g in enumerate(grads):
             by_device.setdefault(_local(g).device, []).append(j)
+        flat = [_local(g).reshape(-1) for g in grads]
         suspects = []
         for idx in by_device.values():
-            sums = torch.stack([_local(grads[j]).sum(dtype=torch.float32) for j in idx])
-            suspects += [idx[k] for k in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
-        return sorted(j for j in suspects if not bool(torch.isfinite(_local(grads[j])).all()))
+            squares = torch.stack([torch.dot(flat[j], flat[j]).float() for j in idx])
+            suspects += [idx[k] for k in (~torch.isfinite(squares)).nonzero().flatten().tolist()]
+        return sorted(j for j in suspects if not bool(torch.isfinite(flat[j].float().square()).all()))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -173,7 +176,8 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         for key, entry in saved.items():
             if not isinstance(key, int) or not 0 <= key < len(params):
                 raise CheckpointError(f"optimizer state key {key!r} names no parameter (this optimizer has "
-                                      f"{len(params)}); load a state dict saved by an optimizer over the same parameters")
+                                      f"{len(params)}); load a state dict saved by an optimizer over the same "
+                                      "parameters")
             self._check_entry(*params[key], entry)
         super().load_state_dict(state_dict)  # groups, hyperparameters; its dtype casts are undone below
         for key, entry in saved.items():
