@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> str:
     body = (f"## optim ({args.device}): one AdamW step, peftfx.optim vs torch and torchao\n\n{machine_markdown()}\n"
             f"Median of {args.reps} interleaved rounds, {args.threads} thread(s); fp32 parameters, [1024, 1024] "
             f"matrices. Targets: {TARGETS}. State = every tensor the optimizer holds. `first step s` includes "
-            "state allocation and, for torchao, its inductor compile of the step.\n\n" + table)
+            "state allocation and, for torchao, its inductor compile of the step. The machine is shared: other "
+            "jobs ran during the measurement (load average above), which inflates absolute times; ratios come from "
+            "interleaved rounds.\n\n" + table)
     write_section(f"optim_{args.device}", body, args.out)
     return body
 

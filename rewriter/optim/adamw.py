@@ -22,6 +22,7 @@ raises naming the parameter, or, with ``skip_nonfinite=True``, the whole step is
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -138,14 +139,14 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
             h = AdamWHyper(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], int(state["step"]))
             local, glocal = _local(p), _local(g)
             tensors = {k: v for k, v in state.items() if k != "step"}
-            if self.paged and local.is_cuda:
-                paged_jobs.setdefault(str(local.device), []).append((local, glocal, tensors, h))
+            if self.paged and local.is_cuda:  # the update runs later, on the state's GPU copy
+                job = functools.partial(_update, local, glocal, h=h)
+                paged_jobs.setdefault(str(local.device), []).append((tensors, job))
             else:
-                _update(local, glocal, tensors, h)
+                _update(local, glocal, tensors, h=h)
         for device, jobs in paged_jobs.items():
             pager = self._pagers.get(device) or self._pagers.setdefault(device, StatePager(torch.device(device)))
-            hypers = {id(t[0]): t[3] for t in jobs}
-            pager.run([(p, g, s) for p, g, s, _ in jobs], lambda p, g, s: _update(p, g, s, hypers[id(p)]))
+            pager.run(jobs)
         return loss
 
     @staticmethod
@@ -212,7 +213,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                                       "other parameters (or another sharding)")
 
 
-def _update(p: Tensor, g: Tensor, state: dict[str, Tensor], h: AdamWHyper) -> None:
+def _update(p: Tensor, g: Tensor, state: dict[str, Tensor], *, h: AdamWHyper) -> None:
     """One fused update of local tensor ``p`` with ``state`` on ``p``'s device, in place."""
     if p.numel() == 0:
         return

@@ -32,30 +32,29 @@ class StatePager:
         self.device = device
         self.stream = torch.cuda.Stream(device)
 
-    def _fetch(self, host: dict[str, Tensor], current: torch.cuda.Stream) -> tuple[dict[str, Tensor], torch.cuda.Event]:
+    def _fetch(self, host: dict[str, Tensor]) -> tuple[dict[str, Tensor], torch.cuda.Event]:
+        """Start copying ``host`` to the GPU on the side stream (after this stream's earlier write-backs)."""
         with torch.cuda.stream(self.stream):
-            self.stream.wait_stream(current)  # the previous step's state must be back on the host first
             dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             arrived = torch.cuda.Event()
             arrived.record(self.stream)
         return dev, arrived
 
-    def run(self, jobs: list[tuple[Tensor, Tensor, dict[str, Tensor]]],
-            update: Callable[[Tensor, Tensor, dict[str, Tensor]], None]) -> None:
-        """For each ``(param, grad, host_state)``: ``update(param, grad, device_state)`` on the current stream,
-        with ``device_state`` a GPU copy of ``host_state`` that is written back into it afterwards."""
+    def run(self, jobs: list[tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], None]]]) -> None:
+        """For each ``(host_state, update)``: ``update(device_state)`` on the current stream, with ``device_state``
+        a GPU copy of ``host_state`` that is written back into it afterwards."""
         if not jobs:
             return
         current = torch.cuda.current_stream(self.device)
-        pending = self._fetch(jobs[0][2], current)
-        for i, (p, g, host) in enumerate(jobs):
+        pending = self._fetch(jobs[0][0])
+        for i, (host, update) in enumerate(jobs):
             dev, arrived = pending
             if i + 1 < len(jobs):  # prefetch the next parameter's state while this one updates
-                pending = self._fetch(jobs[i + 1][2], current)
+                pending = self._fetch(jobs[i + 1][0])
             current.wait_event(arrived)
             for t in dev.values():
                 t.record_stream(current)  # allocated on the side stream, used on the current one
-            update(p, g, dev)
+            update(dev)
             updated = torch.cuda.Event()
             updated.record(current)
             with torch.cuda.stream(self.stream):

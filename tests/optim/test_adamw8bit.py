@@ -90,6 +90,13 @@ def test_peftfx_estimate_reports_the_8bit_state():
     assert on_gpu.before.optimizer_state == 2 * largest
 
 
+def test_cli_estimate_accepts_every_optimizer_name():
+    from peftfx.cli import build_parser
+
+    for name in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw"):
+        assert build_parser().parse_args(["estimate", "m", "--optimizer", name]).optimizer == name
+
+
 # ---------------------------------------------------------------------------------------------- one step
 @given(n=st.integers(4096, 9000), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        step=st.integers(1, 30), wd=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 2**16))
