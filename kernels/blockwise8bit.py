@@ -1,15 +1,19 @@
 """Block-wise 8-bit optimizer state (Dettmers et al., "8-bit Optimizers via Block-wise Quantization").
 
-A state tensor ``s`` of ``n`` elements is stored as ``codes`` (uint8, ``[n]``) and ``absmax`` (fp32,
+A state tensor ``s`` of ``n`` elements is stored as codes (uint8, ``[n]``) and absmax (fp32,
 ``[ceil(n / 256)]``): block ``b`` holds elements ``[256 b, 256 (b + 1))`` (the last block may be short)
 and ``s[i] ~= map[codes[i]] * absmax[i // 256]``. The first moment uses the signed dynamic map, the second
 the unsigned one (:func:`peftfx.kernels.formats.dynamic_map`, byte-identical to bitsandbytes').
 
 Rounding is to the nearest map value: ``code(x) = #{k : mid[k] < x}`` with ``mid[k] = (map[k] + map[k+1]) / 2``
-(a tie goes down). The oracle computes it with ``torch.searchsorted``; the fast paths (the CPU update below,
-the Triton kernel) with a 65536-entry table indexed by the high 16 bits of ``x``'s fp32 bit pattern: a bucket
-of floats sharing those bits contains at most one midpoint (checked when the table is built), so
-``code(x) = base[bucket] + (x > thr[bucket])`` exactly, for two loads instead of an 8-level binary search.
+(a tie goes down). The oracle computes it with ``torch.searchsorted`` (~40 ns/element on one CPU core); the
+fast paths (the CPU update below, the Triton kernel) with one load from a 65536-entry int32 table
+(:func:`code_table`) indexed by the high 16 bits of ``x``'s sortable key (its fp32 bits, negatives flipped so
+integer order is float order): a bucket of floats sharing those bits holds at most one midpoint (checked when
+the table is built), so ``code(x) = (T[bucket] + key) >> 16`` exactly, with no branch and no second load.
+
+State layout of one parameter: ``codes`` uint8 ``[2, n]`` and ``absmax`` fp32 ``[2, ceil(n / 256)]``, row 0 the
+first moment (signed map), row 1 the second (unsigned map).
 
 The AdamW step on one tensor (all in fp32; ``bc1 = 1 - beta1**t``, ``bc2 = 1 - beta2**t``)::
 
@@ -42,10 +46,11 @@ MIN_8BIT_NUMEL = 4096  # smaller tensors keep fp32 state, as bitsandbytes (min_8
 MIN_ABSMAX = 2.0**-126  # smallest normal fp32: 1 / absmax stays finite for an all-zero block
 SIGNED_MAP = dynamic_map(signed=True)
 UNSIGNED_MAP = dynamic_map(signed=False)
-CHUNK = 1 << 16  # elements per step of the CPU update: its ~6 fp32 buffers stay in L2
+CHUNK = 1 << 16  # elements per step of the CPU update: its buffers (~2 MiB) stay in a core's L2 (measured best)
 
 
 def n_state_blocks(numel: int) -> int:
+    """Number of 256-element absmax blocks of a tensor of ``numel`` elements."""
     return -(-numel // BLOCK)
 
 
