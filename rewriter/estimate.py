@@ -19,12 +19,13 @@ How the estimate is made (nothing is materialized, so a 7B config runs on a lapt
    the live-bytes peak of forward + backward (activations, transients, gradients). A
    ``saved_tensors_hooks`` pair sums the bytes autograd saves for backward (deduplicated by
    storage, parameters and buffers excluded): the "activations" line.
-4. **The optimizer**, analytically, by :func:`peftfx.optim.optimizer_state_bytes` (the one place that
-   arithmetic lives): AdamW state = 2 x trainable bytes; ``adamw-8bit`` / ``paged-adamw-8bit`` (what
-   :class:`peftfx.optim.AdamW8bit` allocates: 256-element blocks, fp32 state below 4096 elements)
-   ~2.03 bytes/param; ``paged-*`` on ``cuda`` only their two staging copies (the state is in host memory);
-   SGD none. The step's temporaries: torch's single-tensor AdamW (the CPU default) holds two
-   temporaries the size of one parameter; the foreach AdamW (CUDA default) one copy of all of them.
+4. **The optimizer**, analytically, by :func:`peftfx.optim.optimizer_state_bytes` and
+   :func:`~peftfx.optim.optimizer_step_bytes` (the one place that arithmetic lives): AdamW state = 2 x
+   trainable bytes; ``adamw-8bit`` / ``paged-adamw-8bit`` (what :class:`peftfx.optim.AdamW8bit` allocates:
+   256-element blocks, fp32 state below 4096 elements) ~2.03 bytes/param; the paged variants on ``cuda``
+   keep their state in host memory and stage at most three tensors' state during the step; SGD none.
+   The step's temporaries: torch's single-tensor AdamW (the CPU default) holds two temporaries the size
+   of one parameter; the foreach AdamW (CUDA default) one copy of all of them.
 
 The peak of a steady-state step (state exists, grads set to None before the forward) is
 ``weights + buffers + inputs + optimizer state + max(forward/backward peak, grads + step temporaries)``.
@@ -48,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from peftfx.errors import PlanError
-from peftfx.optim.state_bytes import OPTIMIZER_NAMES, optimizer_state_bytes
+from peftfx.optim.state_bytes import OPTIMIZER_NAMES, optimizer_state_bytes, optimizer_step_bytes
 
 __all__ = ["quant_storage", "quantized_nbytes", "bits_per_param", "Breakdown", "Estimate", "estimate",
            "default_inputs", "loss_of", "measure_peak", "format_bytes", "OPTIMIZERS"]
@@ -352,13 +353,8 @@ class Estimate:
 
 def _optimizer_bytes(params: list[torch.Tensor], optimizer: str, train_device: str) -> tuple[int, int]:
     """(state bytes, step temporaries) for the trainable ``params``."""
-    sizes = [p.numel() * p.element_size() for p in params]
-    if optimizer == "sgd" or not sizes:
-        return 0, 0
-    state = optimizer_state_bytes(params, optimizer, train_device)
-    if optimizer == "adamw":
-        return state, sum(sizes) if train_device == "cuda" else 2 * max(sizes)
-    return state, 0  # peftfx.optim's fused updates allocate no per-step temporaries of parameter size
+    return (optimizer_state_bytes(params, optimizer, train_device),
+            optimizer_step_bytes(params, optimizer, train_device))
 
 
 def _unique(tensors) -> list[torch.Tensor]:

@@ -6,7 +6,8 @@
 - :class:`PagedAdamW` / :class:`PagedAdamW8bit`: the same updates with the state in pinned host memory,
   prefetched to the GPU one parameter at a time on a side stream, when parameters are on CUDA. On the CPU
   they behave as the unpaged versions, with the same state dict.
-- :func:`optimizer_state_bytes`: what each optimizer allocates (``peftfx estimate`` uses it).
+- :func:`optimizer_state_bytes` / :func:`optimizer_step_bytes`: what each optimizer keeps and what its step
+  allocates (``peftfx estimate`` uses them).
 
 The update kernels live in ``peftfx.kernels.blockwise8bit`` (CPU, the reference) and
 ``peftfx.kernels.adam8bit_triton`` (CUDA).
@@ -19,7 +20,7 @@ from typing import Any
 # Lazy, as peftfx's own names: ``peftfx --help`` reads OPTIMIZER_NAMES without importing torch.
 _LAZY = {"AdamW8bit": "peftfx.optim.adamw", "PagedAdamW": "peftfx.optim.adamw", "PagedAdamW8bit": "peftfx.optim.adamw",
          "OPTIMIZER_NAMES": "peftfx.optim.state_bytes", "optimizer_state_bytes": "peftfx.optim.state_bytes",
-         "tensor_state_bytes": "peftfx.optim.state_bytes"}
+         "optimizer_step_bytes": "peftfx.optim.state_bytes", "tensor_state_bytes": "peftfx.optim.state_bytes"}
 
 __all__ = list(_LAZY)
 
