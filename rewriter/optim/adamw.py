@@ -66,14 +66,19 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # normalizes the group (named pairs, defaults); undone on error
         group = self.param_groups[-1]
-        _check_hyper(lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
-                     weight_decay=group["weight_decay"])
-        for i, p in enumerate(group["params"]):
-            if p.dtype not in _FLOAT_PARAMS:
-                raise KernelError(f"{self._name(group, i)}: {type(self).__name__} updates float32/bfloat16/float16 "
-                                  f"parameters, not {p.dtype}; leave integer and complex tensors out of the optimizer")
+        try:
+            _check_hyper(lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            for i, p in enumerate(group["params"]):
+                if p.dtype not in _FLOAT_PARAMS:
+                    raise KernelError(f"{self._name(group, i)}: {type(self).__name__} updates float32/bfloat16/"
+                                      f"float16 parameters, not {p.dtype}; leave integer and complex tensors out of "
+                                      "the optimizer")
+        except (KernelError, PlanError):
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _name(group: dict[str, Any], i: int) -> str:

@@ -206,6 +206,7 @@ def test_integer_and_complex_parameters_are_refused_by_name(dtype):
     opt = AdamW8bit([nn.Parameter(torch.randn(8))])
     with pytest.raises(KernelError, match="parameter #0"):
         opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1  # nothing half-added
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1)])
