@@ -100,28 +100,32 @@ def test_cli_estimate_accepts_every_optimizer_name():
 
 
 # ---------------------------------------------------------------------------------------------- one step
-@given(n=st.integers(4096, 9000), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+@given(rows=st.integers(16, 40), cols=st.integers(256, 400), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        step=st.integers(1, 30), wd=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 2**16))
-def test_one_step_equals_fp32_adamw_on_the_dequantized_state_within_the_quantization_bound(n, dtype, step, wd, seed):
+def test_one_step_equals_fp32_adamw_on_the_dequantized_state_within_the_quantization_bound(rows, cols, dtype, step,
+                                                                                          wd, seed):
     """Bound. Let m0, v0 be the dequantized moments before the step (exact fp32 values) and run torch's fp32
     AdamW from (p, m0, v0). AdamW8bit updates the parameter with the unquantized new moments, so the
     parameter differs only by fp32 rounding (a few ulp of the update; the two formulas move eps by
     sqrt(1 - beta2^t)) plus, for bf16, the final rounding to the dtype: <= 1 bf16 ulp. Then it requantizes:
     with a' the new block absmax and x = m / a' lying between map values q_k <= x <= q_{k+1}, nearest
     rounding gives |deq(m) - m| <= a' (q_{k+1} - q_k) / 2, the per-element quantization bound (likewise
-    for v with the unsigned map); the signed map stops at -0.993, so an element at -a' is off by 0.007 a'. fp32 rounding of m itself adds ~1e-6 relative, covered by 1e-5 slack."""
+    for v with the unsigned map); the signed map stops at -0.993, so an element at -a' is off by 0.007 a'.
+    fp32 rounding of m itself adds ~1e-6 relative, covered by 1e-5 slack. Shapes [rows, cols] >= 4096
+    elements (8-bit state) with arbitrary tails: the last 256-block is usually short."""
+    n = rows * cols
     g = torch.Generator().manual_seed(seed)
-    p0 = torch.randn(n, generator=g).to(dtype)
-    grad = (torch.randn(n, generator=g) * 1e-2).to(dtype)
+    p0 = torch.randn(rows, cols, generator=g).to(dtype)
+    grad = (torch.randn(rows, cols, generator=g) * 1e-2).to(dtype)
     p = nn.Parameter(p0.clone())
     opt = AdamW8bit([p], lr=1e-2, weight_decay=wd)
-    p.grad = (torch.randn(n, generator=g) * 1e-2).to(dtype)
+    p.grad = (torch.randn(rows, cols, generator=g) * 1e-2).to(dtype)
     opt.step()  # a first step fills the state with something non-trivial
     state = opt.state[p]
     state["step"].fill_(step - 1)
     codes, absmax = state["codes"], state["absmax"]
-    m0 = dequantize_blockwise(codes[0], absmax[0], SIGNED_MAP)
-    v0 = dequantize_blockwise(codes[1], absmax[1], UNSIGNED_MAP)
+    m0 = dequantize_blockwise(codes[0], absmax[0], SIGNED_MAP).view(rows, cols)
+    v0 = dequantize_blockwise(codes[1], absmax[1], UNSIGNED_MAP).view(rows, cols)
     before = p.detach().float().clone()
 
     ref = nn.Parameter(before.clone())
@@ -139,7 +143,7 @@ def test_one_step_equals_fp32_adamw_on_the_dequantized_state_within_the_quantiza
     else:
         ulp = torch.finfo(dtype).eps * ref.detach().abs().clamp_min(1e-30)
         assert torch.all((p.detach().float() - ref.detach()).abs() <= ulp + 1e-5 * update)
-    m_ref, v_ref = ref_opt.state[ref]["exp_avg"], ref_opt.state[ref]["exp_avg_sq"]
+    m_ref, v_ref = (ref_opt.state[ref][k].reshape(-1) for k in ("exp_avg", "exp_avg_sq"))
     for row, qmap, exact in ((0, SIGNED_MAP, m_ref), (1, UNSIGNED_MAP, v_ref)):
         a = state["absmax"][row].repeat_interleave(256)[:n]
         deq = dequantize_blockwise(state["codes"][row], state["absmax"][row], qmap)
