@@ -30,11 +30,11 @@ TARGETS = "step <= 1.0x torch AdamW(foreach=True); step <= 0.5x torchao AdamW8bi
 
 
 def _params(count: int, device: str, seed: int = 0) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)  # drawn where they live: 200M values on a GPU take no time
     params = []
     for _ in range(count):
-        p = torch.nn.Parameter(torch.randn(SIDE, SIDE, generator=g).to(device))
-        p.grad = (torch.randn(SIDE, SIDE, generator=g) * 1e-3).to(device)
+        p = torch.nn.Parameter(torch.randn(SIDE, SIDE, generator=g, device=device))
+        p.grad = torch.randn(SIDE, SIDE, generator=g, device=device) * 1e-3
         params.append(p)
     return params
 
