@@ -203,6 +203,42 @@ class _Workspace:
         self.a = torch.empty(2, CHUNK // BLOCK, **f32)
         self.a2 = torch.empty(CHUNK // BLOCK, **f32)
         self.betas = torch.empty(2, 1, **f32)
+        maps, code_tables = tables(device)
+        self.map1, self.map2 = maps[:256], maps[256:]
+        # m's buckets run from -32768 (indexed + 32768); v's from 0 index the unsigned table from its middle
+        self.table1, self.table2 = code_tables[:65536], code_tables[65536 + 32768:]
+        self._views: dict[int, _ChunkViews] = {}
+
+    def views(self, L: int) -> "_ChunkViews":
+        """The views of a chunk of ``L`` elements (built once per length: slicing costs a dispatch each)."""
+        v = self._views.get(L)
+        if v is None:
+            if len(self._views) > 64:  # tails of many tensor sizes: keep the cache small
+                self._views.clear()
+            v = self._views[L] = _ChunkViews(self, L)
+        return v
+
+
+class _ChunkViews:
+    """Every workspace view one chunk of ``L`` elements uses (``nb`` blocks, padded to ``Lp = nb * 256``)."""
+
+    def __init__(self, ws: _Workspace, L: int) -> None:
+        nb = n_state_blocks(L)
+        Lp = nb * BLOCK
+        self.nb, self.padded = nb, L != Lp
+        self.S = ws.s[:2 * Lp].view(2, Lp)  # [m; v]
+        self.Sb = self.S.view(2, nb, BLOCK)
+        self.S0, self.S1, self.Sb0 = self.S[0], self.S[1], self.Sb[0]
+        self.m, self.v, self.S_tail = self.S[0, :L], self.S[1, :L], self.S[:, L:]
+        self.idx = ws.i[:2 * Lp].view(2, Lp)
+        self.idx0, self.idx1, self.idx_L, self.idx_tail = self.idx[0], self.idx[1], self.idx[:, :L], self.idx[:, L:]
+        self.k = self.S.view(torch.int32)  # sortable keys, in place of [m; v]
+        self.k0 = self.k[0]
+        self.out = ws.t[:2 * Lp].view(torch.int32).view(2, Lp)  # ws.t is free once p is updated
+        self.out0, self.out1, self.out_L = self.out[0], self.out[1], self.out[:, :L]
+        self.t, self.g, self.p = ws.t[:L], ws.g[:L], ws.p[:L]
+        self.a, self.a0, self.amin = ws.a[:, :nb], ws.a[0, :nb], ws.a2[:nb]
+        self.scale = self.a.unsqueeze(2)  # the new absmax [2, nb, 1], broadcast over its blocks
 
 
 _WORKSPACES: dict[str, _Workspace] = {}
@@ -211,8 +247,8 @@ _WORKSPACES: dict[str, _Workspace] = {}
 def adamw8bit_step_(p: Tensor, g: Tensor, codes: Tensor, absmax: Tensor, h: AdamWHyper) -> None:
     """The fused update on CPU (module docstring), in place; equals :func:`adamw8bit_step_reference` bit for bit.
 
-    Both moments go through each op together (one dispatch per op and chunk): the chunk's ``[m; v]`` is one
-    ``[2, nb * 256]`` buffer; map and code-table lookups index the concatenated tables of :func:`tables`.
+    Both moments go through most ops together (one dispatch per op and chunk): the chunk's ``[m; v]`` is one
+    ``[2, nb * 256]`` buffer; every workspace view is built once per chunk length (:class:`_ChunkViews`).
 
     Args:
         p: parameter (fp32/bf16/fp16, contiguous) with ``n`` elements. g: its gradient, same shape, contiguous.
@@ -224,65 +260,56 @@ def adamw8bit_step_(p: Tensor, g: Tensor, codes: Tensor, absmax: Tensor, h: Adam
     ws = _WORKSPACES.get(str(p.device))
     if ws is None:
         ws = _WORKSPACES[str(p.device)] = _Workspace(p.device)
-    maps, code_tables = tables(p.device)
     pf, gf = pd.view(-1), g.view(-1)
     n = pf.numel()
     decay = 1 - h.lr * h.weight_decay
     step_size, eps_hat = h.step_size(), h.eps_hat()
     fp32_param, fp32_grad = p.dtype == torch.float32, g.dtype == torch.float32
     ws.betas[0], ws.betas[1] = h.beta1, h.beta2
-    for s in range(0, n, CHUNK):
-        L = min(CHUNK, n - s)
-        nb = n_state_blocks(L)
-        Lp, bs = nb * BLOCK, s // BLOCK
-        S, idx = ws.s[:2 * Lp].view(2, Lp), ws.i[:2 * Lp].view(2, Lp)
-        m, v, t, a = S[0, :L], S[1, :L], ws.t[:L], ws.a[:, :nb]
-        g32 = gf[s:s + L] if fp32_grad else ws.g[:L].copy_(gf[s:s + L])
+    # per-chunk views of the tensor's own arrays, each list from one call; the old absmax scaled once
+    scales = torch.mul(absmax, ws.betas).unsqueeze(2).split(CHUNK // BLOCK, dim=1)
+    chunks = zip(gf.split(CHUNK), pf.split(CHUNK), codes.split(CHUNK, dim=1), absmax.split(CHUNK // BLOCK, dim=1),
+                 scales)
+    for g_c, p_c, codes_c, absmax_c, scale_c in chunks:
+        L = g_c.shape[0]
+        V = ws.views(L)
+        g32 = g_c if fp32_grad else V.g.copy_(g_c)
         # dequantize: [m; v] = [map1; map2][codes] * (absmax * [beta1; beta2])
-        idx[:, :L].copy_(codes[:, s:s + L])
-        _dequantize_into(S, idx, L, Lp, maps)
-        S.view(2, nb, BLOCK).mul_(torch.mul(absmax[:, bs:bs + nb], ws.betas, out=a).unsqueeze(2))
-        m.add_(g32, alpha=1 - h.beta1)
-        v.addcmul_(g32, g32, value=1 - h.beta2)
+        V.idx_L.copy_(codes_c)
+        if V.padded:  # short last block: code 0 past the end, then zeros (they leave the absmax alone)
+            V.idx_tail.zero_()
+        torch.index_select(ws.map1, 0, V.idx0, out=V.S0)
+        torch.index_select(ws.map2, 0, V.idx1, out=V.S1)
+        if V.padded:
+            V.S_tail.zero_()
+        V.Sb.mul_(scale_c)
+        V.m.add_(g32, alpha=1 - h.beta1)
+        V.v.addcmul_(g32, g32, value=1 - h.beta2)
         # p = p * (1 - lr wd) - step_size * m / (sqrt(v) + eps_hat)
-        p32 = pf[s:s + L] if fp32_param else ws.p[:L].copy_(pf[s:s + L])
+        p32 = p_c if fp32_param else V.p.copy_(p_c)
         if h.weight_decay:
             p32.mul_(decay)
-        p32.addcdiv_(m, torch.sqrt(v, out=t).add_(eps_hat), value=-step_size)
+        p32.addcdiv_(V.m, torch.sqrt(V.v, out=V.t).add_(eps_hat), value=-step_size)
         if not fp32_param:
-            pf[s:s + L].copy_(p32)
-        _quantize_into(S, idx, L, nb, absmax[:, bs:bs + nb], codes[:, s:s + L], code_tables, ws)
+            p_c.copy_(p32)
+        _quantize_into(V, ws, absmax_c, codes_c)
 
 
-def _dequantize_into(S: Tensor, idx: Tensor, L: int, Lp: int, maps: Tensor) -> None:
-    """``S[j, :L] = map_j[idx[j, :L]]``; the short last block's tail ``S[:, L:Lp]`` is zeroed (absmax ignores it)."""
-    if L != Lp:
-        idx[:, L:].zero_()
-    torch.index_select(maps[:256], 0, idx[0], out=S[0])  # one lookup per row: no "+256" pass over v's codes
-    torch.index_select(maps[256:], 0, idx[1], out=S[1])
-    if L != Lp:
-        S[:, L:].zero_()
-
-
-def _quantize_into(S: Tensor, idx: Tensor, L: int, nb: int, absmax_out: Tensor, codes_out: Tensor,
-                   code_tables: Tensor, ws: _Workspace) -> None:
-    """Block absmax of ``S`` ([2, nb * 256] fp32, [m; v], clobbered) into ``absmax_out`` ([2, nb]) and its
-    nearest codes into ``codes_out`` ([2, L] uint8); ``idx`` is an int32 [2, nb * 256] scratch buffer."""
-    Sb, a = S.view(2, nb, BLOCK), ws.a[:, :nb]
-    torch.amax(Sb, dim=2, out=a)
-    torch.amin(Sb[0], dim=1, out=ws.a2[:nb])  # max |m| = max(amax, -amin): cheaper than abs() or an inf-norm
-    torch.maximum(a[0], ws.a2[:nb].neg_(), out=a[0])
-    a.clamp_(min=MIN_ABSMAX)
-    absmax_out.copy_(a)
-    Sb.mul_(a.reciprocal_().unsqueeze(2))
-    k = S.view(torch.int32)
-    k0 = k[0]  # sortable key of m in place; v >= +0 already is its own key (it is never -0.0 or NaN)
-    torch.bitwise_right_shift(k0, 31, out=idx[0]).bitwise_and_(0x7FFFFFFF)
-    k0.bitwise_xor_(idx[0])
-    torch.bitwise_right_shift(k, 16, out=idx)
-    idx[0].add_(32768)  # m's buckets run from -32768; v's from 0 index the table from its middle (a view)
-    out = ws.t[:idx.numel()].view(torch.int32).view(idx.shape)
-    torch.index_select(code_tables[:65536], 0, idx[0], out=out[0])
-    torch.index_select(code_tables[65536 + 32768:], 0, idx[1], out=out[1])
-    out.add_(k).bitwise_right_shift_(16)
-    codes_out.copy_(out[:, :L])
+def _quantize_into(V: _ChunkViews, ws: _Workspace, absmax_out: Tensor, codes_out: Tensor) -> None:
+    """Block absmax of the chunk's [m; v] (clobbered) into ``absmax_out`` ([2, nb]) and its nearest codes into
+    ``codes_out`` ([2, L] uint8)."""
+    torch.amax(V.Sb, dim=2, out=V.a)
+    torch.amin(V.Sb0, dim=1, out=V.amin)  # max |m| = max(amax, -amin): cheaper than abs() or an inf-norm
+    torch.maximum(V.a0, V.amin.neg_(), out=V.a0)
+    V.a.clamp_(min=MIN_ABSMAX)
+    absmax_out.copy_(V.a)
+    V.Sb.mul_(V.scale.reciprocal_())  # V.scale is V.a viewed [2, nb, 1]
+    # sortable key of m in place; v >= +0 already is its own key (it is never -0.0 or NaN)
+    torch.bitwise_right_shift(V.k0, 31, out=V.idx0).bitwise_and_(0x7FFFFFFF)
+    V.k0.bitwise_xor_(V.idx0)
+    torch.bitwise_right_shift(V.k, 16, out=V.idx)
+    V.idx0.add_(32768)
+    torch.index_select(ws.table1, 0, V.idx0, out=V.out0)
+    torch.index_select(ws.table2, 0, V.idx1, out=V.out1)
+    V.out.add_(V.k).bitwise_right_shift_(16)
+    codes_out.copy_(V.out_L)
