@@ -301,9 +301,9 @@ def _quantize_into(V: _ChunkViews, ws: _Workspace, absmax_out: Tensor, codes_out
     torch.amax(V.Sb, dim=2, out=V.a)
     torch.amin(V.Sb0, dim=1, out=V.amin)  # max |m| = max(amax, -amin): cheaper than abs() or an inf-norm
     torch.maximum(V.a0, V.amin.neg_(), out=V.a0)
-    V.a.clamp_(min=MIN_ABSMAX)
-    absmax_out.copy_(V.a)
-    V.Sb.mul_(V.scale.reciprocal_())  # V.scale is V.a viewed [2, nb, 1]
+    torch.clamp(V.a, min=MIN_ABSMAX, out=absmax_out)
+    torch.reciprocal(absmax_out, out=V.a)
+    V.Sb.mul_(V.scale)  # V.scale is V.a viewed [2, nb, 1]
     # sortable key of m in place; v >= +0 already is its own key (it is never -0.0 or NaN)
     torch.bitwise_right_shift(V.k0, 31, out=V.idx0).bitwise_and_(0x7FFFFFFF)
     V.k0.bitwise_xor_(V.idx0)
