@@ -6,6 +6,10 @@
 #      M in (1, 16, 4096), K = N = 4096, r = 16 (bench/gpu_kernels.py, limit 170 s), table ->
 #      $OUT/gpu_results.md. Worst case about 8 minutes including startup.
 # Usage: bash bench/gpu_check.sh      (from anywhere; OUT optional)
+#        bash bench/gpu_check.sh optim   the separate peftfx.optim block only (issue 16, about 4 minutes):
+#   the Triton 8-bit AdamW kernel tests and the paged-optimizer CUDA tests natively (limit 150 s), then
+#   bench/optim.py --device cuda (torch AdamW, bitsandbytes and torchao AdamW8bit, peftfx AdamW8bit and the
+#   paged variants: step time, state bytes, peak GPU memory; limit 200 s) -> $OUT/gpu_optim.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -41,6 +45,17 @@ run_tests() {  # label, timeout, pytest args...
   [ -n "$RESULTS" ] && echo "- $label (native Triton, PEFTFX_KERNELS=triton): pytest exit code $rc" >> "$RESULTS"
   [ "$rc" -ne 0 ] && status=1
 }
+if [ "${1:-}" = "optim" ]; then  # ---- peftfx.optim block (issue 16) ----
+  run_tests "optim 1/2 Triton 8-bit AdamW + paged optimizers" 150 \
+    tests/optim/test_triton_step.py tests/optim/test_paged_cuda.py
+  echo "== optim 2/2 optimizer step benchmark (GPU rows) =="
+  timeout 200 "$PY" -m bench.optim --device cuda --sizes 50 200 --reps 5 --out "${OUT:-/tmp}/gpu_optim.md"
+  rc=$?
+  echo "optim benchmark exit code: $rc"
+  [ "$rc" -ne 0 ] && status=1
+  exit $status
+fi
+
 # The Triton kernel tests first, so a failure elsewhere in tests/kernels cannot hide them under -x;
 # then the rest of tests/kernels (ops, reference, modules) with the Triton backend forced.
 run_tests "1a/2 Triton kernel tests" 200 tests/kernels/test_quant_triton.py tests/kernels/test_qlora_triton.py

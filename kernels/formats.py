@@ -25,8 +25,8 @@ from torch import Tensor
 from peftfx.errors import KernelError
 from peftfx.kernels.choices import FORMATS
 
-__all__ = ["NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "FORMATS", "QuantizedWeight", "code_for", "layer_prefix",
-           "check_block_size", "n_blocks_for", "table_on"]
+__all__ = ["NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "dynamic_map", "FORMATS", "QuantizedWeight", "code_for",
+           "layer_prefix", "check_block_size", "n_blocks_for", "table_on"]
 
 
 # bitsandbytes.functional.get_4bit_type("nf4"): the 16 quantiles of N(0,1) scaled to [-1, 1].
@@ -47,19 +47,24 @@ FP4_CODE = torch.tensor(
 FP4_CODE.div_(FP4_CODE.abs().max())
 
 
-def _dynamic_map() -> Tensor:
-    """bitsandbytes.functional.create_dynamic_map(signed=True, 7, 8): the double-quant codebook."""
+def dynamic_map(signed: bool = True) -> Tensor:
+    """bitsandbytes.functional.create_dynamic_map(signed, 7, 8): 256 sorted fp32 values in [-1, 1] or [0, 1].
+
+    Seven decades 1e-6 .. 1, each split linearly (2**i values per sign in decade i when signed, 2**(i+1)
+    unsigned), plus 0 and 1.0. Built with bitsandbytes' fp32 arithmetic so the bytes are identical.
+    """
     data: list[float] = []
     for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        bounds = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-6 + i)) * means).tolist()
     data += [0.0, 1.0]
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-DYNAMIC_CODE = _dynamic_map()
+DYNAMIC_CODE = dynamic_map(signed=True)  # the double-quant codebook
 
 _BYTES_DTYPE = {"nf4": torch.uint8, "fp4": torch.uint8, "int8": torch.int8,
                 "int8-zeropoint": torch.uint8, "llm-int8": torch.int8}

@@ -105,6 +105,8 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftfx.optim import OPTIMIZER_NAMES  # torch-free
+
     parser = argparse.ArgumentParser(prog="peftfx", description="Inspect what a peftfx plan rewrites and "
                                      "estimate the memory of training with it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes}")
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan file (.toml or .json); without it only full fine-tuning is estimated")
     p.add_argument("--batch", type=_positive, help="batch size (default 2)")
     p.add_argument("--seq", type=_positive, help="sequence length (default 8)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd", "adamw-8bit"), default="adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adamw",
+                   help="whose state to count: torch AdamW, SGD, or peftfx.optim's (paged) AdamW8bit / PagedAdamW")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="training dtype (default: model's)")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
                    help="build the model on meta (nothing allocated, default) or cpu (real weights)")

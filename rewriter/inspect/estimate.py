@@ -19,10 +19,13 @@ How the estimate is made (nothing is materialized, so a 7B config runs on a lapt
    the live-bytes peak of forward + backward (activations, transients, gradients). A
    ``saved_tensors_hooks`` pair sums the bytes autograd saves for backward (deduplicated by
    storage, parameters and buffers excluded): the "activations" line.
-4. **The optimizer**, analytically: AdamW state = 2 x trainable bytes; ``adamw-8bit``
-   (bitsandbytes blockwise, 256-element blocks, fp32 state below 4096 elements) ~2 bytes/param;
-   SGD none. The step's temporaries: torch's single-tensor AdamW (the CPU default) holds two
-   temporaries the size of one parameter; the foreach AdamW (CUDA default) one copy of all of them.
+4. **The optimizer**, analytically, by :func:`peftfx.optim.optimizer_state_bytes` and
+   :func:`~peftfx.optim.optimizer_step_bytes` (the one place that arithmetic lives): AdamW state = 2 x
+   trainable bytes; ``adamw-8bit`` / ``paged-adamw-8bit`` (what :class:`peftfx.optim.AdamW8bit` allocates:
+   256-element blocks, fp32 state below 4096 elements) ~2.03 bytes/param; the paged variants on ``cuda``
+   keep their state in host memory and stage at most three tensors' state during the step; SGD none.
+   The step's temporaries: torch's single-tensor AdamW (the CPU default) holds two temporaries the size
+   of one parameter; the foreach AdamW (CUDA default) one copy of all of them.
 
 The peak of a steady-state step (state exists, grads set to None before the forward) is
 ``weights + buffers + inputs + optimizer state + max(forward/backward peak, grads + step temporaries)``.
@@ -36,7 +39,6 @@ before the step (parameters, buffers, inputs, optimizer state from a warm-up ste
 from __future__ import annotations
 
 import copy
-import math
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -48,11 +50,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from peftfx.errors import PlanError
 from peftfx.inspect.model_source import default_inputs
+from peftfx.optim.state_bytes import OPTIMIZER_NAMES, optimizer_state_bytes, optimizer_step_bytes
 
 __all__ = ["quant_storage", "quantized_nbytes", "bits_per_param", "Breakdown", "Estimate", "estimate",
            "loss_of", "measure_peak", "format_bytes", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adamw", "sgd", "adamw-8bit")
+OPTIMIZERS = OPTIMIZER_NAMES  # ("adamw", "sgd", "adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 _LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
 
 
@@ -351,17 +354,8 @@ class Estimate:
 
 def _optimizer_bytes(params: list[torch.Tensor], optimizer: str, train_device: str) -> tuple[int, int]:
     """(state bytes, step temporaries) for the trainable ``params``."""
-    sizes = [p.numel() * p.element_size() for p in params]
-    if optimizer == "sgd" or not sizes:
-        return 0, 0
-    if optimizer == "adamw":
-        transient = sum(sizes) if train_device == "cuda" else 2 * max(sizes)
-        return 2 * sum(sizes), transient
-    state = 0
-    for p in params:  # bitsandbytes 8-bit blockwise: uint8 codes + fp32 absmax per 256, fp32 below 4096
-        n = p.numel()
-        state += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
-    return state, 0
+    return (optimizer_state_bytes(params, optimizer, train_device),
+            optimizer_step_bytes(params, optimizer, train_device))
 
 
 def _unique(tensors) -> list[torch.Tensor]:
@@ -450,7 +444,7 @@ def estimate(model: nn.Module, plan: Any = None, *, example_inputs: Any = None, 
         example_inputs: kwargs dict / args tuple / tensor; default :func:`default_inputs` of
             ``[batch, seq]`` (batch 2, sequence 8 unless given).
         batch, seq: sizes of the default inputs (used only when ``example_inputs`` is None).
-        optimizer: ``adamw | sgd | adamw-8bit``.
+        optimizer: ``adamw | sgd | adamw-8bit | paged-adamw | paged-adamw-8bit``.
         dtype: training dtype of the floating-point parameters (default: as they are).
         train_device: ``cpu`` (single-tensor AdamW) or ``cuda`` (foreach AdamW temporaries).
 

@@ -263,6 +263,15 @@ def run_workers(fn, outdir: str, *, meanwhile=lambda: None, timeout: float = JOI
                 p.join(5)
 
 
+def load_rank_results(outdir: str) -> list[dict]:
+    """What each worker saved as ``outdir/rank{r}.pt`` ({} for a worker that saved nothing)."""
+    results = []
+    for rank in range(WORLD):
+        path = os.path.join(outdir, f"rank{rank}.pt")
+        results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    return results
+
+
 # ---------------------------------------------------------------- test side
 
 def _llama_reference() -> dict:
@@ -286,11 +295,7 @@ def _llama_reference() -> dict:
 def dist_results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("dist"))
     codes, reference = run_workers(_worker, outdir, meanwhile=_llama_reference)
-    results = []
-    for rank in range(WORLD):
-        path = os.path.join(outdir, f"rank{rank}.pt")
-        results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
-    return {"codes": codes, "ranks": results, "outdir": outdir, "reference": reference}
+    return {"codes": codes, "ranks": load_rank_results(outdir), "outdir": outdir, "reference": reference}
 
 
 @pytest.fixture(scope="module")
