@@ -107,6 +107,28 @@ def test_tiny_scales_round_denormals_like_torch(fmt):
                 assert_bits_equal(cpu_native.dequantize(qw, dtype), R.dequantize(qw, dtype), f"{dtype} {isa}")
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int8-zeropoint"])
+def test_exact_ties_round_half_to_even(fmt):
+    """Scales 1 + 2**-8 and 1 + 2**-11 make q * scale land exactly halfway between two bf16 / fp16
+    values (random data almost never does): both must round to even, as torch's casts do."""
+    n, bs = 64 * 32, 32
+    gen = torch.Generator().manual_seed(1)
+    ties = torch.tensor([1 + 2 ** -8, 1 + 2 ** -11, 3 * 2 ** -9 + 2 ** -17, -(1 + 2 ** -8)])
+    scales = ties[torch.randint(0, 4, (n // bs,), generator=gen)].contiguous()
+    if fmt == "int8":
+        packed = torch.randint(-127, 128, (n,), dtype=torch.int8, generator=gen)
+        qw = QuantizedWeight(fmt, packed, scales, None, None, (64, 32), bs)
+    else:
+        packed = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+        zero = torch.randint(0, 256, (n // bs,), generator=gen).float()
+        qw = QuantizedWeight(fmt, packed, scales, None, zero, (64, 32), bs)
+    for dtype in BITS:
+        want = R.dequantize(qw, dtype)
+        for isa in _isas():
+            with cpu_native.force_isa(isa):
+                assert_bits_equal(cpu_native.dequantize(qw, dtype), want, f"{dtype} {isa}")
+
+
 # ------------------------------------------------------------------------------------------ matmul
 @settings(max_examples=60, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), bs=st.sampled_from([16, 64, 256, 4096]), dq=st.booleans(),
