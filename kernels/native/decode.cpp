@@ -105,13 +105,9 @@ namespace peftfx_native { namespace avx512 {
 constexpr int W = 16;       // fp32 lanes
 constexpr int MB_MAX = 4;   // x rows per micro-kernel pass: 4 x 4 accumulators + 4 weights + 1 x = 21 zmm
 using VF = __m512;
+using VIraw = __m512i;
 struct Lut { __m512 t; };
 inline Lut make_lut(const float* code) { return {_mm512_loadu_ps(code)}; }
-inline VF set1(float v) { return _mm512_set1_ps(v); }
-inline VF zero() { return _mm512_setzero_ps(); }
-inline VF loadu(const float* p) { return _mm512_loadu_ps(p); }
-inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
-inline VF sub(VF a, VF b) { return _mm512_sub_ps(a, b); }
 inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
 // 16 codes from 8 packed bytes (even element in the high nibble) -> 16 codebook values.
@@ -121,20 +117,8 @@ inline VF decode4(const uint8_t* p, const Lut& lut) {
   i = _mm512_srlv_epi32(i, _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4));
   return _mm512_permutexvar_ps(i, lut.t);                            // uses index bits 3:0 only
 }
-inline VF load_i8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline VF load_u8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline void store(float* p, VF v) { _mm512_storeu_ps(p, v); }
-inline void store(c10::BFloat16* p, VF v) {
-  // c10::BFloat16's round-to-nearest-even on the bits (vcvtneps2bf16 would flush denormals)
-  __m512i u = _mm512_castps_si512(v);
-  __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-                                  _mm512_set1_epi32(0x7FFF));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+// 16 rounded bf16 bit patterns (in 32-bit lanes) -> 16 uint16 in memory
+inline void store_low_halves(void* p, __m512i r) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
 inline void store(c10::Half* p, VF v) {
@@ -151,13 +135,9 @@ namespace peftfx_native { namespace avx2 {
 constexpr int W = 8;
 constexpr int MB_MAX = 2;   // 2 x 4 accumulators + 4 weights + 1 x = 13 of 16 ymm
 using VF = __m256;
+using VIraw = __m256i;
 struct Lut { __m256 lo, hi; };
 inline Lut make_lut(const float* code) { return {_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)}; }
-inline VF set1(float v) { return _mm256_set1_ps(v); }
-inline VF zero() { return _mm256_setzero_ps(); }
-inline VF loadu(const float* p) { return _mm256_loadu_ps(p); }
-inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
-inline VF sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 inline VF fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline float hsum(VF v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -175,20 +155,7 @@ inline VF decode4(const uint8_t* p, const Lut& lut) {
   VF lo = _mm256_permutevar8x32_ps(lut.lo, i), hi = _mm256_permutevar8x32_ps(lut.hi, i);
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
 }
-inline VF load_i8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline VF load_u8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline void store(float* p, VF v) { _mm256_storeu_ps(p, v); }
-inline void store(c10::BFloat16* p, VF v) {
-  __m256i u = _mm256_castps_si256(v);
-  __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
-                                  _mm256_set1_epi32(0x7FFF));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
-                                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+inline void store_low_halves(void* p, __m256i r) {
   __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0 and 2
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }

@@ -295,3 +295,18 @@ def test_fallback_without_a_compiler_warns_once_and_matches(tmp_path):
     got = _run_fallback({"CXX": missing, "CC": missing}, tmp_path)
     assert not got["available"] and got["same"] and got["close"]
     assert len(got["warnings"]) == 1 and "could not be built" in got["warnings"][0], got["warnings"]
+
+
+def test_non_finite_scales_decode_to_the_same_non_finite_values():
+    """Corrupted storage (NaN/Inf scales) decodes as the oracle does: Inf bit for bit, NaN as NaN (torch's
+    own bf16 cast writes 0xFFFF or 0x7FC0 for NaN depending on the code path, so payloads are not compared)."""
+    qw = QuantizedWeight("int8", torch.randint(-127, 128, (4 * 64,), dtype=torch.int8),
+                         torch.tensor([1.0, float("nan"), float("inf"), -2.5]), None, None, (4, 64), 64)
+    for dtype in BITS:
+        want = R.dequantize(qw, dtype)
+        for isa in _isas():
+            with cpu_native.force_isa(isa):
+                got = cpu_native.dequantize(qw, dtype)
+            assert torch.equal(got.isnan(), want.isnan()), f"{dtype} {isa}"
+            keep = ~want.isnan()
+            assert_bits_equal(got[keep], want[keep], f"{dtype} {isa}")
