@@ -24,7 +24,7 @@ from peftfx.kernels.backend import backend_for
 from peftfx.kernels.dtypes import COMPUTE_DTYPES, gemm_dtype
 from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
 
-__all__ = ["qlora_linear", "dequantize", "backend_for"]
+__all__ = ["qlora_linear", "dequantize", "backend_for", "check_weight_storage"]
 
 
 def _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
@@ -43,7 +43,7 @@ def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_
         raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None or one of "
                           f"{list(COMPUTE_DTYPES.values())}")
     if isinstance(weight, QuantizedWeight):
-        _check_storage(weight, x, name)
+        check_weight_storage(weight, x, name)
         out_f, in_f = weight.shape
     else:
         if weight.dim() != 2 or not weight.dtype.is_floating_point:
@@ -68,8 +68,9 @@ def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_
             raise KernelError(f"{where}lora_B shape {list(lora_B.shape)} != [{out_f}, {r}]")
 
 
-def _check_storage(qw: QuantizedWeight, t: Tensor, name: str | None) -> None:
-    """Metadata vs tensors; on the cpu backend also contiguity (its decoders read storage as flat arrays)."""
+def check_weight_storage(qw: QuantizedWeight, t: Tensor, name: str | None = None) -> None:
+    """Raise :class:`KernelError` naming ``name`` when ``qw``'s metadata does not match its tensors, and on
+    the cpu backend (inputs where ``t`` lives) when they are not contiguous: its decoders read flat arrays."""
     if backend_for(t) == "cpu":
         cpu_native.check_storage(qw, name)
     else:
@@ -251,6 +252,6 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, name: s
     """
     if qw.format not in FORMATS or qw.format == "none":
         raise KernelError(f"{layer_prefix(name)}unknown quantized format {qw.format!r}")
-    _check_storage(qw, qw.packed, name)
+    check_weight_storage(qw, qw.packed, name)
     return torch.ops.peftfx.dequantize(qw.packed, qw.scales, qw.scales2, qw.offset, qw.format, qw.block_size,
                                        qw.block_size2, qw.shape[0], qw.shape[1], dtype or qw.dtype)

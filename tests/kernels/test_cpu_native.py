@@ -22,6 +22,7 @@ from peftfx.errors import KernelError
 from peftfx.kernels import cpu_gemm, cpu_native, ops, quantizer
 from peftfx.kernels import reference as R
 from peftfx.kernels.formats import DYNAMIC_CODE, NF4_CODE, QuantizedWeight
+from peftfx.kernels.modules import QLoRALinear
 
 FORMATS = ["nf4", "fp4", "int8", "int8-zeropoint", "llm-int8"]
 BLOCK_SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -222,6 +223,10 @@ def test_non_contiguous_or_wrongly_sized_storage_raises_naming_the_layer(monkeyp
     short = QuantizedWeight(**{**qw.__dict__, "packed": qw.packed[:-1]})
     with pytest.raises(KernelError, match="layer 'model.k_proj'.*packed weight has 511 elements"):
         ops.qlora_linear(x, short, None, None, None, 0.0, name="model.k_proj")
+    layer = QLoRALinear(qw, None, r=None, name="model.o_proj")
+    layer.weight = strided
+    with pytest.raises(KernelError, match="layer 'model.o_proj'.*packed storage is not contiguous"):
+        layer(x)
     few = QuantizedWeight(**{**qw.__dict__, "scales": qw.scales[:-1]})
     with pytest.raises(KernelError, match="layer 'model.v_proj'.*scales length"):
         ops.dequantize(few, torch.float32, name="model.v_proj")
