@@ -11,7 +11,7 @@ Two ops, registered as ``torch.ops.peftfx_native.*`` by ``native/decode.cpp``:
   LLM decoding, where a dense fp32 weight would cost 8x the memory traffic).
 
 The extension is built just in time on first use by :func:`torch.utils.cpp_extension.load` (one
-translation unit, light torch headers only: ~7 s of compiler CPU time, 35 s wall at load 11 on the shared
+translation unit, light torch headers only: ~9 s of compiler CPU time (g++ -O3), 27-35 s wall at load 7-11 on the shared
 2-core VM; ``<torch/extension.h>`` alone would add ~30 s), then cached in torch's extension
 directory, ``TORCH_EXTENSIONS_DIR``, under a name that hashes the sources, flags and torch version, so
 an edit rebuilds; torch's file lock lets parallel test workers share one build). It picks AVX-512,
