@@ -170,9 +170,12 @@ class QLoRALinear(nn.Module):
         """deq(W) ``[out, in]`` (the dense weight itself for format ``"none"``)."""
         if self.format == "none":
             return self.weight if dtype is None else self.weight.to(dtype)
-        return ops.dequantize(self.quantized_weight(), dtype)
+        return ops.dequantize(self.quantized_weight(), dtype, name=self.name)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.format != "none" and not all(t is None or t.is_contiguous() for t in (
+                self.weight, self.weight_scales, self.weight_scales2, self.weight_offset)):
+            ops.check_weight_storage(self.quantized_weight(), x, self.name)  # names this layer
         x_lora = None
         if self.lora_A is not None and isinstance(self.lora_dropout, nn.Dropout) and self.training:
             x_lora = self.lora_dropout(x)

@@ -5,7 +5,8 @@ The backward saves x (only when the LoRA grads need it) or x_lora, the LoRA fact
 weight, never deq(W): W is frozen, so dx recomputes deq(W) (in L2-sized tiles on the CPU path,
 :mod:`cpu_gemm`). ``compute_dtype`` is the base GEMM's dtype (None: the input's).
 
-Backend: :func:`peftfx.kernels.backend.backend_for` picks ``cpu`` (:mod:`cpu_gemm`), ``triton`` or
+Backend: :func:`peftfx.kernels.backend.backend_for` picks ``cpu`` (:mod:`cpu_gemm`, and the native
+decoder of :mod:`cpu_native` for ``peftfx::dequantize`` where it is available), ``triton`` or
 ``reference`` (the oracle) per call. The Triton modules are imported lazily so this file works without
 them.
 """
@@ -18,12 +19,12 @@ import torch
 from torch import Tensor
 
 from peftfx.errors import KernelError
-from peftfx.kernels import cpu_gemm, reference
+from peftfx.kernels import cpu_gemm, cpu_native, reference
 from peftfx.kernels.backend import backend_for
 from peftfx.kernels.dtypes import COMPUTE_DTYPES, gemm_dtype
 from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
 
-__all__ = ["qlora_linear", "dequantize", "backend_for"]
+__all__ = ["qlora_linear", "dequantize", "backend_for", "check_weight_storage"]
 
 
 def _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
@@ -42,7 +43,7 @@ def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_
         raise KernelError(f"{where}compute_dtype {compute_dtype!r} must be None or one of "
                           f"{list(COMPUTE_DTYPES.values())}")
     if isinstance(weight, QuantizedWeight):
-        weight.validate(name)
+        check_weight_storage(weight, x, name)
         out_f, in_f = weight.shape
     else:
         if weight.dim() != 2 or not weight.dtype.is_floating_point:
@@ -65,6 +66,15 @@ def _check(x: Tensor, weight: QuantizedWeight | Tensor, bias, lora_A, lora_B, x_
         r = lora_A.shape[0]
         if tuple(lora_B.shape) != (out_f, r):
             raise KernelError(f"{where}lora_B shape {list(lora_B.shape)} != [{out_f}, {r}]")
+
+
+def check_weight_storage(qw: QuantizedWeight, t: Tensor, name: str | None = None) -> None:
+    """Raise :class:`KernelError` naming ``name`` when ``qw``'s metadata does not match its tensors, and on
+    the cpu backend (inputs where ``t`` lives) when they are not contiguous: its decoders read flat arrays."""
+    if backend_for(t) == "cpu":
+        cpu_native.check_storage(qw, name)
+    else:
+        qw.validate(name)
 
 
 def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -195,6 +205,8 @@ def _dequantize_op(packed: Tensor, scales: Tensor, scales2: Optional[Tensor], of
         from peftfx.kernels import quant_triton  # lazy: Triton is optional and slow to import
 
         return quant_triton.dequantize_triton(qw, dtype)
+    if backend_for(packed) == "cpu" and dtype in cpu_native.NATIVE_DTYPES and cpu_native.usable(qw):
+        return cpu_native.dequantize(qw, dtype)
     return reference.dequantize(qw, dtype)
 
 
@@ -232,9 +244,14 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight | Tensor, bias: Tensor | Non
         weight.shape[0], weight.shape[1], 0.0, compute_dtype)
 
 
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Tensor:
-    """deq(W) ``[out, in]`` in ``dtype`` (default: the original weight dtype) through ``peftfx::dequantize``."""
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, name: str | None = None) -> Tensor:
+    """deq(W) ``[out, in]`` in ``dtype`` (default: the original weight dtype) through ``peftfx::dequantize``.
+
+    On the cpu backend the native decoder runs where it is available (:mod:`cpu_native`); errors name
+    ``name``.
+    """
     if qw.format not in FORMATS or qw.format == "none":
-        raise KernelError(f"unknown quantized format {qw.format!r}")
+        raise KernelError(f"{layer_prefix(name)}unknown quantized format {qw.format!r}")
+    check_weight_storage(qw, qw.packed, name)
     return torch.ops.peftfx.dequantize(qw.packed, qw.scales, qw.scales2, qw.offset, qw.format, qw.block_size,
                                        qw.block_size2, qw.shape[0], qw.shape[1], dtype or qw.dtype)

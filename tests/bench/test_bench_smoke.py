@@ -24,9 +24,12 @@ def test_cpu_kernels_smoke(tmp_path):
     body = cpu_kernels.main(["--size", "256", "--reps", "1", "--decode-m", "1", "--out", str(out),
                              "--plot", str(tmp_path / "k.png")])
     rows = {(r[0], r[1]) for r in _table_rows(body)}
-    for op in ("dequantize fp32", "dequantize bf16", "quantize"):
-        assert {(op, "peftfx"), (op, "bitsandbytes")} <= rows
-    assert {("1", "peftfx"), ("1", "bitsandbytes"), ("1", "dense fp32 F.linear")} <= rows
+    for op in ("dequantize fp32", "dequantize bf16"):
+        assert {(op, "peftfx native"), (op, "peftfx PyTorch path"), (op, "bitsandbytes")} <= rows
+    assert {("quantize", "peftfx"), ("quantize", "bitsandbytes")} <= rows
+    assert {("1", "peftfx native"), ("1", "peftfx PyTorch path"), ("1", "bitsandbytes"),
+            ("1", "dense fp32 F.linear")} <= rows
+    assert "bandwidth bound ms" in body
     text = out.read_text()
     assert "keep me" in text and "<!-- cpu_kernels:start -->" in text and "Machine: cpu:" in text
     assert (tmp_path / "k.png").stat().st_size > 0

@@ -1,6 +1,9 @@
 """The tiled CPU path (:mod:`peftfx.kernels.cpu_gemm`) against the plain oracle (:mod:`reference`)."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -25,10 +28,11 @@ def _weight(fmt: str, n: int, k: int, bs: int, dq: bool):
 @given(fmt=st.sampled_from(FORMATS), n=st.integers(1, 70), k_blocks=st.integers(1, 5), odd_k=st.booleans(),
        bs=st.sampled_from([16, 32, 64]), m=st.integers(1, 20), r=st.integers(1, 4), dq=st.booleans(),
        x_lora=st.booleans(), bias=st.booleans(), tile=st.sampled_from([64, 256, 1 << 18]),
-       compute=st.sampled_from([None, torch.float32, torch.bfloat16]))
-def test_tiled_path_matches_oracle(fmt, n, k_blocks, odd_k, bs, m, r, dq, x_lora, bias, tile, compute):
-    """Row tiles (forward) and column tiles (backward) of any size give the oracle's numbers; K that is not
-    a whole number of blocks (blocks crossing rows) takes the row-chunk fallback."""
+       compute=st.sampled_from([None, torch.float32, torch.bfloat16]), native=st.booleans())
+def test_tiled_path_matches_oracle(fmt, n, k_blocks, odd_k, bs, m, r, dq, x_lora, bias, tile, compute, native):
+    """Row tiles (forward) and column tiles (backward) of any size give the oracle's numbers, filled by the
+    native decoder or by PyTorch steps (``native``); without native, K that is not a whole number of blocks
+    (blocks crossing rows) takes the row-chunk fallback."""
     k = k_blocks * bs + (3 if odd_k else 0)
     weight = _weight(fmt, n, k, bs, dq)
     x = torch.randn(m, k)
@@ -36,13 +40,20 @@ def test_tiled_path_matches_oracle(fmt, n, k_blocks, odd_k, bs, m, r, dq, x_lora
     A, B = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1
     b = torch.randn(n) if bias else None
     dy = torch.randn(m, n)
-    old = G.TILE_ELEMS, G.GEMM_TILE_ELEMS
-    G.TILE_ELEMS = G.GEMM_TILE_ELEMS = tile
+    old = G.TILE_ELEMS, G.GEMM_TILE_ELEMS, G.NATIVE_GEMM_TILE_ELEMS, os.environ.get("PEFTFX_CPU_NATIVE")
+    G.TILE_ELEMS = G.GEMM_TILE_ELEMS = G.NATIVE_GEMM_TILE_ELEMS = tile
+    os.environ["PEFTFX_CPU_NATIVE"] = "1" if native else "0"
     try:
-        y = G.qlora_forward(x, weight, b, A, B, 0.7, xl, compute)
-        got = G.qlora_backward(dy, x, weight, A, B, 0.7, xl, (True, True, True, True), compute)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="PEFTFX_CPU_NATIVE=0")
+            y = G.qlora_forward(x, weight, b, A, B, 0.7, xl, compute)
+            got = G.qlora_backward(dy, x, weight, A, B, 0.7, xl, (True, True, True, True), compute)
     finally:
-        G.TILE_ELEMS, G.GEMM_TILE_ELEMS = old
+        G.TILE_ELEMS, G.GEMM_TILE_ELEMS, G.NATIVE_GEMM_TILE_ELEMS = old[:3]
+        if old[3] is None:
+            os.environ.pop("PEFTFX_CPU_NATIVE", None)
+        else:
+            os.environ["PEFTFX_CPU_NATIVE"] = old[3]
     y_ref = R.qlora_forward_ref(x, weight, b, A, B, 0.7, xl, compute)
     want = R.qlora_backward_ref(dy, x, weight, A, B, 0.7, xl, (True, True, True, True), compute)
     # bf16 GEMMs: operands are rounded identically, sums differ by accumulation order, output by 1 bf16 ulp
