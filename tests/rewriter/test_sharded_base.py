@@ -1,0 +1,231 @@
+"""The packed base sharded across ranks under FSDP2: 2 CPU processes with gloo.
+
+One pair of worker processes (the harness of ``test_distributed``) runs every scenario and writes
+its results; the single-process reference trains in the test process meanwhile.
+
+* NF4 + double quant + LoRA on a tiny Llama, 3 AdamW steps on the global batch: each rank holds
+  about half the packed bytes between steps, losses match single-process training, the gathered
+  bytes are the single-process bytes, and adapters / the whole model saved from the shards load
+  in one process (2 ranks -> 1) with the same logits; a model file written by one process loads
+  into the 2-rank sharded model (1 -> 2).
+* Every quant format on a small MLP with uneven shard sizes: outputs equal the unsharded model's,
+  gathered bytes are byte-exact, and under a bf16 mixed-precision policy the layer still sees
+  its fp32 scales (FSDP2 casts only what it gathers on its default path).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import peftfx
+from peftfx.distributed.base_sharding import BASE_TENSORS, gathered_state_dict, local_bytes
+from peftfx.io.checkpoint import read_safetensors, tensor_bytes
+from peftfx.kernels.formats import FORMATS
+from tests.rewriter.test_distributed import (
+    PER_RANK, STEPS, WORLD, adapters_of, llama_batches, llama_gm, run_workers, shard_of, train_single_process,
+)
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def _base_bytes(state: dict) -> dict[str, bytes]:
+    """Raw bytes of every frozen base tensor of the swapped layers in a (gathered) state dict."""
+    return {k: tensor_bytes(v) for k, v in state.items() if k.rpartition(".")[2] in BASE_TENSORS}
+
+
+def _all_gather_bytes(gm) -> int:
+    """Bytes FSDP2 keeps in all-gather buffers (unsharded copies) for frozen tensors right now."""
+    total = 0
+    for name, m in gm.named_modules():
+        state = getattr(m, "_get_fsdp_state", None)
+        group = state()._fsdp_param_group if state is not None else None
+        for fp in group.fsdp_params if group is not None else []:
+            if not fp.sharded_param.requires_grad:
+                total += sum(t.untyped_storage().nbytes() for t in fp.all_gather_outputs)
+    return total
+
+
+# ---------------------------------------------------------------- worker side
+
+def _scenario_llama(rank: int, gm, outdir: str) -> dict:
+    from peftfx.distributed import save_adapters, shard
+
+    fresh = copy.deepcopy(gm)  # the untrained model, to load the single-process file into later
+    single_bytes = local_bytes(gm)
+    if rank == 0:  # a file written by one (unsharded) process
+        peftfx.save_model(gm, os.path.join(outdir, "single_model.safetensors"))
+    shard(gm)
+    resident, gathered_buffers, losses = [], [], []
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-3)
+    for batch in llama_batches():
+        loss = gm(**shard_of(batch, rank)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        resident.append(local_bytes(gm))
+        gathered_buffers.append(_all_gather_bytes(gm))
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        losses.append(global_loss.item() / WORLD)
+    state = gathered_state_dict(gm)
+    save_adapters(gm, os.path.join(outdir, "sharded_adapters"))
+    peftfx.save_model(gm, os.path.join(outdir, "sharded_model.safetensors"))  # collective
+    # 1 -> 2: the single-process file loads into the sharded model, shard by shard
+    dist.barrier()
+    shard(fresh)
+    peftfx.load_model(fresh, os.path.join(outdir, "single_model.safetensors"))
+    reloaded = gathered_state_dict(fresh)
+    return {"single_bytes": single_bytes, "resident": resident, "gathered_buffers": gathered_buffers,
+            "losses": losses, "base": _base_bytes(state) if rank == 0 else {},
+            "adapters": {k: v for k, v in state.items() if k.endswith(("lora_A", "lora_B"))},
+            "reloaded_base": _base_bytes(reloaded) if rank == 0 else {}}
+
+
+class MLP(nn.Module):
+    """Odd widths: every format's storage splits unevenly over 2 ranks (padding on the last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 33)
+        self.down = nn.Linear(33, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def mlp_gm(fmt: str, seed: int = 0):
+    torch.manual_seed(seed)
+    quant = {"format": fmt, "double_quant": fmt in ("nf4", "fp4")} if fmt != "none" else None
+    plan = {"targets": ["up", "down"], "lora": {"r": 4, "alpha": 8}, **({"quant": quant} if quant else {})}
+    gm = peftfx.compile(MLP(), plan, example_inputs=(torch.randn(2, 64),))
+    with torch.no_grad():  # non-zero B: the adapters take part in the output
+        for name, p in gm.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return gm
+
+
+def _scenario_formats(rank: int) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from peftfx.distributed import shard
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    out = {}
+    for fmt in FORMATS:
+        gm = mlp_gm(fmt)
+        ref = gm(x).detach()
+        single = _base_bytes(gm.state_dict())
+        bf16 = copy.deepcopy(gm)
+        single_bytes = local_bytes(gm)
+        dtypes = {n: t.dtype for n, t in gm.up.named_buffers()}
+        shard(gm, per_block=False)
+        y = gm(x)
+        y.sum().backward()
+        grads = sorted(n for n, p in gm.named_parameters() if p.grad is not None)
+        state = gathered_state_dict(gm)
+        seen: dict[str, torch.dtype] = {}
+        bf16.up.register_forward_pre_hook(
+            lambda m, a: seen.update({n: getattr(m, n).dtype for n in BASE_TENSORS if getattr(m, n, None) is not None}))
+        shard(bf16, per_block=False, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        bf16(x.to(torch.bfloat16)).float().sum().backward()
+        bf16_state = gathered_state_dict(bf16)  # collective: every rank
+        out[fmt] = {"max_diff": (y.detach() - ref).abs().max().item(), "grads": grads,
+                    "same_bytes": rank != 0 or _base_bytes(state) == single,
+                    "bf16_same_bytes": rank != 0 or _base_bytes(bf16_state) == single,
+                    "seen": seen, "dtypes": dtypes,
+                    "resident": local_bytes(gm), "single_bytes": single_bytes}
+    return out
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    results = {}
+    for name, run in (("llama", lambda: _scenario_llama(rank, llama_gm(), outdir)),
+                      ("formats", lambda: _scenario_formats(rank))):
+        try:
+            results[name] = run()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+            torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+            os._exit(1)  # leave at once: the peer may wait in a collective this rank will never join
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- test side
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("sharded_base"))
+    codes, reference = run_workers(_worker, outdir, meanwhile=train_single_process)
+    ranks = []
+    for rank in range(WORLD):
+        path = os.path.join(outdir, f"rank{rank}.pt")
+        ranks.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    for rank, res in enumerate(ranks):
+        for name, r in res.items():
+            assert "error" not in r, f"rank {rank} failed in {name!r}:\n{r['error']}"
+    assert codes == [0] * WORLD, ranks
+    return {"ranks": ranks, "outdir": outdir, "reference": reference}
+
+
+def test_each_rank_holds_half_the_packed_base_and_trains_like_one_process(sharded):
+    ref = sharded["reference"]
+    for r in sharded["ranks"]:
+        res = r["llama"]
+        for step_bytes, buffers in zip(res["resident"], res["gathered_buffers"]):
+            print(f"resident packed bytes per rank: {step_bytes} of {res['single_bytes']} single-process")
+            assert step_bytes <= res["single_bytes"] / WORLD * 1.05
+            assert buffers == 0  # no unsharded copy survives between steps
+        loss_diff = max(abs(a - b) for a, b in zip(res["losses"], ref["losses"]))
+        print(f"sharded base vs single process: max |loss diff| = {loss_diff:.3g}")
+        assert loss_diff <= 1e-5
+    r0 = sharded["ranks"][0]["llama"]
+    want = _base_bytes(ref["gm"].state_dict())
+    assert want and r0["base"] == want  # gathered bytes are the single-process bytes, tensor by tensor
+    assert r0["reloaded_base"] == _base_bytes(ref["fresh"].state_dict())  # 1 -> 2 ranks
+
+
+def test_files_saved_from_shards_load_in_one_process(sharded):
+    ref, outdir = sharded["reference"], sharded["outdir"]
+    batch = llama_batches()[0]
+    with torch.no_grad():
+        want = ref["gm"](**batch).logits
+    fresh = copy.deepcopy(ref["fresh"])
+    peftfx.load_adapters(fresh, os.path.join(outdir, "sharded_adapters"))  # checks the base fingerprint
+    whole = copy.deepcopy(ref["fresh"])
+    peftfx.load_model(whole, os.path.join(outdir, "sharded_model.safetensors"))
+    with torch.no_grad():
+        for gm in (fresh, whole):
+            diff = (gm(**batch).logits - want).abs().max().item()
+            print(f"saved from 2 shards, loaded in 1 process: max |logit diff| = {diff:.3g}")
+            assert diff <= 1e-5
+    single = os.path.join(outdir, "single_again.safetensors")
+    peftfx.save_model(whole, single)
+    # the same file a single process writes: names, dtypes, bytes and metadata (whose order in
+    # the header safetensors does not fix, so the files are compared parsed)
+    (a, meta_a), (b, meta_b) = read_safetensors(single), read_safetensors(os.path.join(outdir, "sharded_model.safetensors"))
+    assert meta_a == meta_b and a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_shards_byte_exact_and_uncast(sharded, fmt):
+    for rank, r in enumerate(sharded["ranks"]):
+        res = r["formats"][fmt]
+        assert res["max_diff"] == 0.0
+        assert res["same_bytes"] and res["bf16_same_bytes"]
+        assert {n.rpartition(".")[2] for n in res["grads"]} == {"lora_A", "lora_B"}  # never the base
+        assert res["seen"] and all(res["seen"][n] == dt for n, dt in res["dtypes"].items() if n in res["seen"])
+        assert res["resident"] <= res["single_bytes"] / WORLD * 1.05 + 64  # + padding of the last shard
