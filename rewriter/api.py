@@ -35,6 +35,7 @@ def compile(  # noqa: A001 - the public verb
     release_source_weights: bool = True,
     snapshots: bool = True,
     tokenizer: Any = None,
+    materialize: Any = None,
 ) -> GraphModule:
     """Compile ``model`` and ``plan`` into a trainable GraphModule.
 
@@ -49,6 +50,8 @@ def compile(  # noqa: A001 - the public verb
         snapshots: keep the graph code before/after every pass for ``peftfx inspect``.
         tokenizer: turns ``prompt.init_text`` into token ids for prompt-tuning init (a plan
             cannot hold a tokenizer).
+        materialize: ``weight -> weight``, applied to each targeted linear's weight just before
+            it is quantized (``peftfx.load`` reads placeholders from disk with it, one layer at a time).
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
@@ -70,7 +73,8 @@ def compile(  # noqa: A001 - the public verb
         plan=plan,
         model=model,
         example_inputs=example_inputs,
-        options={"release_source_weights": release_source_weights, "tokenizer": tokenizer},
+        options={"release_source_weights": release_source_weights, "tokenizer": tokenizer,
+                 "materialize": materialize},
     )
     gm, records = run_passes(gm, ctx, snapshots=snapshots)
     return emit(gm, training=training, plan=plan, records=records)
