@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from peftfx.errors import CheckpointError
 
@@ -281,6 +281,11 @@ def _local_parts(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor],
     for k, t in targets.items():
         src = tensors[k]
         if isinstance(t, DTensor):
+            if any(not (isinstance(pl, Shard) and pl.dim == 0) for pl in t.placements):
+                raise CheckpointError(f"{path}: cannot reshard {k} to this model's layout {list(map(str, t.placements))} "
+                                      f"on a {t.device_mesh.size()}-rank mesh: a saved tensor is cut into this rank's "
+                                      f"part along dim 0 only (Shard(0), as peftfx.distributed.shard and FSDP2's "
+                                      f"default do); shard the model that way, or load before sharding")
             t, src = plain(t), local_slice(src, t)
             if t.shape != src.shape:
                 raise CheckpointError(f"{path}: {k}: this rank's shard is {list(t.shape)} but the file's chunk "

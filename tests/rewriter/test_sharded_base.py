@@ -229,3 +229,88 @@ def test_every_format_shards_byte_exact_and_uncast(sharded, fmt):
         assert {n.rpartition(".")[2] for n in res["grads"]} == {"lora_A", "lora_B"}  # never the base
         assert res["seen"] and all(res["seen"][n] == dt for n, dt in res["dtypes"].items() if n in res["seen"])
         assert res["resident"] <= res["single_bytes"] / WORLD * 1.05 + 64  # + padding of the last shard
+
+
+# ---------------------------------------------------------------- single process
+
+def test_load_refuses_a_layout_it_cannot_reshard_to_and_changes_nothing(tmp_path):
+    """A whole-model file is cut along dim 0 for each rank; a model sharded another way is refused."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from peftfx.distributed.base_sharding import make_base_shardable
+
+    gm = mlp_gm("nf4")
+    path = peftfx.save_model(gm, tmp_path / "model.safetensors")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        make_base_shardable(gm)
+        fully_shard(gm, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+        before = {k: v.full_tensor().clone() for k, v in gm.state_dict().items() if hasattr(v, "full_tensor")}
+        with torch.no_grad():
+            for p in gm.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)  # the file's values differ from the model's: a partial copy would show
+        changed = {k: v.full_tensor().clone() for k, v in gm.state_dict().items() if hasattr(v, "full_tensor")}
+        with pytest.raises(peftfx.CheckpointError, match=r"model\.safetensors: cannot reshard .*S\(1\)"):
+            peftfx.load_model(gm, path)
+        after = {k: v.full_tensor() for k, v in gm.state_dict().items() if hasattr(v, "full_tensor")}
+        assert before.keys() == after.keys() and all(torch.equal(changed[k], after[k]) for k in after)
+    finally:
+        dist.destroy_process_group()
+
+
+LLAMA_2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                   num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096, use_cache=False,
+                   attn_implementation="sdpa")
+QLORA_PLAN = os.path.join(os.path.dirname(__file__), "..", "..", "plans", "llama_qlora.toml")
+
+
+def test_llama_2_70b_qlora_fits_two_24gb_cards_with_block_checkpointing_and_offload():
+    import transformers
+
+    from peftfx.inspect.estimate import format_bytes
+    from peftfx.inspect.fsdp_estimate import estimate_sharded
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_2_70B))
+    kw = dict(batch=1, seq=2048, dtype="bfloat16", train_device="cuda")
+    est = estimate_sharded(model, QLORA_PLAN, world_size=2, checkpoint="blocks", offload="cpu", **kw)
+    print(est.render())
+    assert est.peak <= 22 * 2**30, format_bytes(est.peak)
+    # each term moves the way it must: one rank alone holds the whole packed model (~34 GiB)
+    alone = estimate_sharded(model, QLORA_PLAN, world_size=1, checkpoint="blocks", offload="cpu", **kw)
+    assert alone.sharded_weights > 1.9 * est.sharded_weights and alone.peak > 32 * 2**30
+    flat = estimate_sharded(model, QLORA_PLAN, world_size=2, **kw)  # no checkpointing: every activation kept
+    assert flat.activations > 40 * 2**30 > est.activations
+
+
+def test_sharded_estimate_extrapolates_blocks_like_the_full_estimate():
+    """One rank, no checkpointing: the 1-and-2-block extrapolation equals estimating all 4 blocks."""
+    import transformers
+
+    from peftfx.inspect.estimate import estimate
+    from peftfx.inspect.fsdp_estimate import estimate_sharded
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+                                   attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    full = estimate(model, QLORA_PLAN, batch=2, seq=64, train_device="cuda").after
+    sharded = estimate_sharded(model, QLORA_PLAN, world_size=1, batch=2, seq=64)
+    assert sharded.sharded_weights == full.weight_bytes and sharded.activations == full.activations
+    assert sharded.peak == pytest.approx(full.peak, rel=0.02)
+
+
+def test_cli_estimate_world_size(tmp_path, capsys):
+    import json
+
+    from peftfx.inspect.cli import main
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 128,
+              "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["estimate", str(tmp_path / "config.json"), "--plan", QLORA_PLAN, "--world-size", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["world_size"] == 2 and out["blocks"] == 4 and out["peak"] > out["sharded_weights"] > 0
