@@ -1,6 +1,8 @@
 """``peftfx.distributed``: compiled models under DDP and FSDP2 (see :mod:`~peftfx.distributed.wrappers`).
 
 * :mod:`~peftfx.distributed.wrappers` — ``ddp``, ``shard``, saving and sync checks across ranks.
+* :mod:`~peftfx.distributed.base_sharding` — the packed base as FSDP2-sharded frozen storage
+  (gathered as raw bytes, never cast), and gathering a sharded model's state.
 * :mod:`~peftfx.distributed.blocks` — outlining transformer blocks of a flat graph into submodules,
   the unit FSDP2 shards (and activation checkpointing recomputes).
 """

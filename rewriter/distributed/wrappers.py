@@ -7,9 +7,11 @@ tensors are adapter *parameters*. That split is what makes data parallelism safe
 * DDP all-reduces only parameters that require grad, so only adapters travel; buffers are
   broadcast once at construction (identical, byte-exact) and never again: re-broadcasting them
   every forward (DDP's default) would send the whole quantized model each step.
-* FSDP2 shards parameters only. Packed bytes stay replicated uint8 buffers: a mixed-precision
-  policy never casts them (FSDP+QLoRA stacks that store 4-bit codes in a float "quant_storage"
-  parameter are exposed to exactly that cast, and to NaN-canonicalizing copies of the bytes).
+* FSDP2 shards parameters only. :func:`shard` makes the packed base frozen parameters whose
+  data is a :class:`~peftfx.distributed.base_sharding.FrozenStorage` (FSDP2's all-gather
+  extension), so it is sharded across ranks but gathered as raw bytes: a mixed-precision policy
+  never casts it (FSDP+QLoRA stacks that store 4-bit codes in a float "quant_storage" parameter
+  are exposed to exactly that cast, and to NaN-canonicalizing copies of the bytes).
 
 Three things PyTorch does not do for us, and this module does:
 
@@ -28,8 +30,8 @@ Three things PyTorch does not do for us, and this module does:
    LoRA A is randomly initialized on each rank).
 3. **Saving from FSDP2.** :func:`full_adapter_state_dict` gathers the trainable parameters
    (DTensor shards) into full CPU tensors on rank 0, under the compiled model's own names;
-   :func:`save_adapters` writes them as ``peftfx.save_adapters`` does (loadable by
-   ``peftfx.load_adapters`` in a single process).
+   :func:`save_adapters` is ``peftfx.save_adapters`` (which gathers shards itself) written by
+   rank 0 only (loadable by ``peftfx.load_adapters`` in a single process).
 
 :func:`check_in_sync` compares byte fingerprints of every parameter and buffer across ranks and
 names the first tensor that differs: a cheap guard against silent divergence.

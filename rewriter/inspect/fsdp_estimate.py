@@ -34,9 +34,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from peftfx.errors import PlanError
+from torch import nn
 
 __all__ = ["ShardedEstimate", "estimate_sharded"]
 

@@ -21,6 +21,10 @@ save and load through the same functions, which are then collective (every rank 
 shards are all-gathered tensor by tensor, rank 0 writes the file a single process would write
 (same names, bytes, checksums and fingerprint), and loading copies into each rank its own dim-0
 chunk of every tensor, so a file saved under one world size loads under any other.
+
+(Over 400 lines on purpose: this is the one home of the file format, its checks and both
+writers/readers; the distributed halves are a few lines each and delegate to
+:mod:`peftfx.distributed.base_sharding`.)
 """
 from __future__ import annotations
 

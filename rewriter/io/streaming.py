@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor, nn
-from torch.fx import GraphModule
-
 from peftfx.errors import CheckpointError
 from peftfx.io.checkpoint import ST_DTYPES, safetensors_header, tensor_sha256
+from torch import Tensor, nn
+from torch.fx import GraphModule
 
 __all__ = ["load", "SafetensorsFolder"]
 

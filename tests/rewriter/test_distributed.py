@@ -282,15 +282,20 @@ def train_single_process() -> dict:
             "initial": initial}
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    codes, reference = run_workers(_worker, outdir, meanwhile=train_single_process)
+def rank_results(outdir: str) -> list[dict]:
+    """What each worker saved as ``rank{r}.pt`` in ``outdir`` (``{}`` for a worker that saved nothing)."""
     results = []
     for rank in range(WORLD):
         path = os.path.join(outdir, f"rank{rank}.pt")
         results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
-    return {"codes": codes, "ranks": results, "outdir": outdir, "reference": reference}
+    return results
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    codes, reference = run_workers(_worker, outdir, meanwhile=train_single_process)
+    return {"codes": codes, "ranks": rank_results(outdir), "outdir": outdir, "reference": reference}
 
 
 @pytest.fixture(scope="module")

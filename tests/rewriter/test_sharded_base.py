@@ -19,17 +19,27 @@ import os
 import traceback
 from datetime import timedelta
 
+import peftfx
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
-import peftfx
-from peftfx.distributed.base_sharding import BASE_TENSORS, gathered_state_dict, local_bytes
+from peftfx.distributed.base_sharding import (
+    BASE_TENSORS,
+    gathered_state_dict,
+    local_bytes,
+)
 from peftfx.io.checkpoint import read_safetensors, tensor_bytes
 from peftfx.kernels.formats import FORMATS
+from torch import nn
+
 from tests.rewriter.test_distributed import (
-    PER_RANK, STEPS, WORLD, adapters_of, llama_batches, llama_gm, run_workers, shard_of, train_single_process,
+    WORLD,
+    llama_batches,
+    llama_gm,
+    rank_results,
+    run_workers,
+    shard_of,
+    train_single_process,
 )
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -113,9 +123,8 @@ def mlp_gm(fmt: str, seed: int = 0):
 
 
 def _scenario_formats(rank: int) -> dict:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     from peftfx.distributed import shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
     out = {}
@@ -169,10 +178,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 def sharded(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("sharded_base"))
     codes, reference = run_workers(_worker, outdir, meanwhile=train_single_process)
-    ranks = []
-    for rank in range(WORLD):
-        path = os.path.join(outdir, f"rank{rank}.pt")
-        ranks.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    ranks = rank_results(outdir)
     for rank, res in enumerate(ranks):
         for name, r in res.items():
             assert "error" not in r, f"rank {rank} failed in {name!r}:\n{r['error']}"
@@ -235,10 +241,9 @@ def test_every_format_shards_byte_exact_and_uncast(sharded, fmt):
 
 def test_load_refuses_a_layout_it_cannot_reshard_to_and_changes_nothing(tmp_path):
     """A whole-model file is cut along dim 0 for each rank; a model sharded another way is refused."""
+    from peftfx.distributed.base_sharding import make_base_shardable
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
-
-    from peftfx.distributed.base_sharding import make_base_shardable
 
     gm = mlp_gm("nf4")
     path = peftfx.save_model(gm, tmp_path / "model.safetensors")
@@ -268,7 +273,6 @@ QLORA_PLAN = os.path.join(os.path.dirname(__file__), "..", "..", "plans", "llama
 
 def test_llama_2_70b_qlora_fits_two_24gb_cards_with_block_checkpointing_and_offload():
     import transformers
-
     from peftfx.inspect.estimate import format_bytes
     from peftfx.inspect.fsdp_estimate import estimate_sharded
 
@@ -288,7 +292,6 @@ def test_llama_2_70b_qlora_fits_two_24gb_cards_with_block_checkpointing_and_offl
 def test_sharded_estimate_extrapolates_blocks_like_the_full_estimate():
     """One rank, no checkpointing: the 1-and-2-block extrapolation equals estimating all 4 blocks."""
     import transformers
-
     from peftfx.inspect.estimate import estimate
     from peftfx.inspect.fsdp_estimate import estimate_sharded
 
@@ -314,3 +317,32 @@ def test_cli_estimate_world_size(tmp_path, capsys):
     assert main(["estimate", str(tmp_path / "config.json"), "--plan", QLORA_PLAN, "--world-size", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["world_size"] == 2 and out["blocks"] == 4 and out["peak"] > out["sharded_weights"] > 0
+
+
+def test_sharded_base_is_regathered_for_recomputed_blocks(tmp_path):
+    """Activation checkpointing per outlined block (what ``[memory] checkpoint = "blocks"`` does):
+    the recomputation in backward needs the packed base again after FSDP2 freed it; FSDP2's
+    pre-backward all-gather brings it back, so gradients equal those without checkpointing."""
+    from peftfx.distributed import shard
+    from peftfx.distributed.blocks import outline_blocks
+    from torch.distributed._composable import checkpoint
+
+    batch = shard_of(llama_batches()[0], 0)
+    grads = []
+    compiled = llama_gm()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for recompute in (False, True):
+            gm = copy.deepcopy(compiled)
+            if recompute:
+                for block in outline_blocks(gm).blocks:
+                    checkpoint(gm.get_submodule(block))
+            shard(gm)
+            gm(**batch).loss.backward()
+            grads.append({n: p.grad.full_tensor() for n, p in gm.named_parameters() if p.grad is not None})
+    finally:
+        dist.destroy_process_group()
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys() and {n.rpartition(".")[2] for n in plain} == {"lora_A", "lora_B"}
+    assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)
+    assert any(plain[n].abs().max() > 0 for n in plain)
