@@ -28,7 +28,7 @@ __all__ = ["swap_linear", "build_module"]
 def _dense_weight(gm: GraphModule, target: Target, materialize: Callable | None = None) -> torch.Tensor:
     """The site's weight as [out, in] (Conv1D stores it [in, out]).
 
-    ``materialize`` (``peftfx.load``'s streaming loader) turns a placeholder weight into the real
+    ``materialize`` (``peftfx.load``'s weight source) turns a placeholder weight into the real
     one read from disk, so only the layer being quantized is ever dense in memory.
     """
     weight = get_attr_value(gm, target.site.weight_attr).detach()
@@ -147,7 +147,10 @@ def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     for target in targets:
         site = target.site
         weight_shape = tuple(get_attr_value(gm, site.weight_attr).shape)
-        module = build_module(gm, target, ctx.options.get("materialize"))
+        source = ctx.options.get("weight_source")
+        module = build_module(gm, target, source.materialize if source is not None else None)
+        if source is not None:
+            source.built(site.fqn, module)
         site_nodes = set(site.nodes)
         set_submodule_safe(gm, site, module)
         for node in site.nodes:

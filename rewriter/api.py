@@ -35,7 +35,7 @@ def compile(  # noqa: A001 - the public verb
     release_source_weights: bool = True,
     snapshots: bool = True,
     tokenizer: Any = None,
-    materialize: Any = None,
+    weight_source: Any = None,
 ) -> GraphModule:
     """Compile ``model`` and ``plan`` into a trainable GraphModule.
 
@@ -50,8 +50,10 @@ def compile(  # noqa: A001 - the public verb
         snapshots: keep the graph code before/after every pass for ``peftfx inspect``.
         tokenizer: turns ``prompt.init_text`` into token ids for prompt-tuning init (a plan
             cannot hold a tokenizer).
-        materialize: ``weight -> weight``, applied to each targeted linear's weight just before
-            it is quantized (``peftfx.load`` reads placeholders from disk with it, one layer at a time).
+        weight_source: ``peftfx.load``'s streaming source: ``weight_source.materialize(weight)``
+            runs on each targeted linear's weight just before it is quantized (placeholders are
+            read from disk, one layer at a time), ``weight_source.built(fqn, module)`` on each
+            swapped module right after (a sharded load keeps only this rank's part of it).
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
@@ -74,7 +76,7 @@ def compile(  # noqa: A001 - the public verb
         model=model,
         example_inputs=example_inputs,
         options={"release_source_weights": release_source_weights, "tokenizer": tokenizer,
-                 "materialize": materialize},
+                 "weight_source": weight_source},
     )
     gm, records = run_passes(gm, ctx, snapshots=snapshots)
     return emit(gm, training=training, plan=plan, records=records)

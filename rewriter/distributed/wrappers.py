@@ -173,11 +173,14 @@ def ddp(gm: nn.Module, *, device_ids: list[int] | None = None, process_group: An
 
 
 def _broadcast_state(module: nn.Module, group: Any = None) -> None:
-    """Copy rank 0's parameters and buffers to every rank (FSDP2 has no ``sync_module_states``)."""
+    """Copy rank 0's parameters and buffers to every rank (FSDP2 has no ``sync_module_states``).
+
+    Meta tensors (a sharded ``peftfx.load`` fills each rank's shard after sharding) are skipped."""
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=src, group=group)
+            if t.device.type != "meta":
+                dist.broadcast(t.data, src=src, group=group)
 
 
 def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_after_forward: bool | None = None,

@@ -18,9 +18,11 @@ of host memory before a single layer is quantized. :func:`load` instead
    compiled module.
 
 Host memory of tensors therefore peaks at about the largest layer's dense weight plus the
-compiled (packed) model. Under FSDP2, call :func:`peftfx.distributed.shard` on the result: each
-rank then keeps its shard of the packed base (the whole packed model exists on each rank's host
-until ``shard`` returns).
+compiled (packed) model. With ``shard=True`` (under ``torch.distributed``) each rank keeps only
+its dim-0 chunk of each layer's packed base as soon as the layer is quantized (meta tensors stay
+in the module), the model is sharded by :func:`peftfx.distributed.shard`, and the chunks become
+the FSDP2 shards: a rank's peak is then the largest dense layer plus its shard of the packed base
+plus the unquantized rest.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from peftfx.errors import CheckpointError
+from peftfx.errors import CheckpointError, PeftfxError
 from peftfx.io.checkpoint import ST_DTYPES, safetensors_header, tensor_sha256
 from torch import Tensor, nn
 from torch.fx import GraphModule
@@ -234,8 +236,57 @@ def _default_inputs() -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+class _WeightSource:
+    """What ``peftfx.compile`` asks the loader while it swaps linears (see its ``weight_source``).
+
+    ``materialize``: the real weight for a placeholder, read from disk. ``built``: with
+    ``sharded``, keep only this rank's dim-0 chunk of the new layer's base tensors (as
+    ``peftfx.distributed.shard`` will cut them) and leave meta tensors in the module;
+    :meth:`fill_shards` puts the chunks into the FSDP2 shards once the model is sharded.
+    """
+
+    def __init__(self, source: SafetensorsFolder, holders: _Placeholders, dtype: torch.dtype, sharded: bool) -> None:
+        self.source, self.holders, self.dtype, self.sharded = source, holders, dtype, sharded
+        self.parts: dict[tuple[str, str], Tensor] = {}
+
+    def materialize(self, t: Tensor) -> Tensor:
+        key = self.holders.key(t)
+        return self.source.read(key, self.dtype) if key is not None else t
+
+    def built(self, fqn: str, module: nn.Module) -> None:
+        if not self.sharded:
+            return
+        import torch.distributed as dist
+        from peftfx.distributed.base_sharding import base_storage_names
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        for name in base_storage_names(module):
+            full = module._buffers[name]
+            chunks = torch.chunk(full, world, dim=0)
+            self.parts[(fqn, name)] = chunks[rank].clone() if rank < len(chunks) else full.narrow(0, 0, 0).clone()
+            module._buffers[name] = torch.empty_like(full, device="meta")
+
+    def fill_shards(self, gm: nn.Module) -> None:
+        """Give each meta FSDP2 shard real storage holding this rank's chunk (before the first forward:
+        FSDP2's lazy init then adopts the new shard tensors, as after ``to_empty``)."""
+        from peftfx.distributed.base_sharding import plain
+
+        for fqn, name in list(self.parts):
+            part = self.parts.pop((fqn, name))  # dropped as its shard is filled: never two copies
+            module = gm.get_submodule(fqn)
+            shard = module._parameters[name]
+            real = nn.Parameter(torch.empty_like(shard, device=part.device), requires_grad=False)
+            local = plain(real)
+            if local.shape != part.shape:
+                raise AssertionError(f"{fqn}.{name}: shard {list(local.shape)} vs chunk {list(part.shape)}")
+            local.copy_(part)
+            module._parameters[name] = real
+            del part
+
+
 def load(folder: str | os.PathLike, plan: Any, *, example_inputs: Any = None, dtype: torch.dtype | None = None,
-         model_class: Any = None, verify: bool = True, **compile_kwargs: Any) -> GraphModule:
+         model_class: Any = None, verify: bool = True, shard: bool | dict = False,
+         **compile_kwargs: Any) -> GraphModule:
     """Compile a model straight from a local Hugging Face folder, one layer in memory at a time.
 
     Args:
@@ -247,6 +298,10 @@ def load(folder: str | os.PathLike, plan: Any, *, example_inputs: Any = None, dt
             (default: the dtype the folder stores).
         model_class: the ``transformers`` class to build (default: ``config.architectures[0]``).
         verify: check recorded checksums (see :class:`SafetensorsFolder`).
+        shard: return the model sharded by :func:`peftfx.distributed.shard` (collective: every
+            rank calls ``load``; a dict is passed to ``shard`` as keyword arguments). Each rank
+            keeps only its chunk of each layer's packed base as soon as the layer is quantized,
+            so a rank's host never holds the whole packed model.
         **compile_kwargs: passed to :func:`peftfx.compile` (``snapshots``, ``tokenizer``).
 
     Returns:
@@ -263,18 +318,25 @@ def load(folder: str | os.PathLike, plan: Any, *, example_inputs: Any = None, dt
     """
     from peftfx.api import compile as compile_model
 
+    if shard:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise PeftfxError("peftfx.load(shard=...) shards across ranks: call "
+                              "torch.distributed.init_process_group first (e.g. under torchrun)")
     folder = Path(folder)
     source = SafetensorsFolder(folder, verify=verify)
     dtype = dtype or source.dtype()
     model, holders = _build(folder, source, dtype, model_class)
-
-    def materialize(t: Tensor) -> Tensor:
-        key = holders.key(t)
-        return source.read(key, dtype) if key is not None else t
-
+    weights = _WeightSource(source, holders, dtype, sharded=bool(shard))
     inputs = example_inputs if example_inputs is not None else _default_inputs()
-    gm = compile_model(model, plan, example_inputs=inputs, materialize=materialize, **compile_kwargs)
+    gm = compile_model(model, plan, example_inputs=inputs, weight_source=weights, **compile_kwargs)
     _fill_placeholders(gm, holders, source, dtype)
+    if shard:
+        from peftfx.distributed import shard as shard_model
+
+        shard_model(gm, **(shard if isinstance(shard, dict) else {}))
+        weights.fill_shards(gm)
     return gm
 
 

@@ -154,13 +154,49 @@ def _scenario_formats(rank: int) -> dict:
     return out
 
 
+STREAM_PLAN = {"targets": ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"],
+               "quant": {"format": "nf4", "double_quant": True}, "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}
+
+
+def _save_stream_folder(outdir: str) -> str:
+    """A Llama whose packed layers outweigh the rest (8 blocks, vocab 256), in 4 MB shards."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    path = os.path.join(outdir, "hf")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size="4MB")
+    return path
+
+
+def _stream_inputs() -> dict:
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _scenario_stream(rank: int, outdir: str) -> dict:
+    from peftfx.inspect.estimate import measure_peak
+
+    out = {}
+    torch.manual_seed(0)
+    peak = measure_peak(lambda: out.update(gm=peftfx.load(os.path.join(outdir, "hf"), STREAM_PLAN, shard=True,
+                                                          example_inputs=_stream_inputs(), snapshots=False)))
+    gm = out["gm"]
+    with torch.no_grad():
+        logits = gm(**_stream_inputs()).logits
+    state = gathered_state_dict(gm)
+    return {"peak": peak, "logits": logits, "state": state}
+
+
 def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     results = {}
     for name, run in (("llama", lambda: _scenario_llama(rank, llama_gm(), outdir)),
-                      ("formats", lambda: _scenario_formats(rank))):
+                      ("formats", lambda: _scenario_formats(rank)), ("stream", lambda: _scenario_stream(rank, outdir))):
         try:
             results[name] = run()
         except Exception:
@@ -177,6 +213,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("sharded_base"))
+    _save_stream_folder(outdir)
     codes, reference = run_workers(_worker, outdir, meanwhile=train_single_process)
     ranks = rank_results(outdir)
     for rank, res in enumerate(ranks):
@@ -224,6 +261,33 @@ def test_files_saved_from_shards_load_in_one_process(sharded):
     (a, meta_a), (b, meta_b) = read_safetensors(single), read_safetensors(os.path.join(outdir, "sharded_model.safetensors"))
     assert meta_a == meta_b and a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
+
+
+def test_sharded_streaming_load_keeps_only_this_ranks_part_of_the_base(sharded):
+    """``peftfx.load(..., shard=True)``: each rank keeps its chunk of a layer's packed base as soon
+    as the layer is quantized, so its peak is the rest of the model + 1/W of the packed base + one
+    dense layer; a load that kept the whole packed model on each rank would exceed the bound."""
+    from peftfx.io.streaming import SafetensorsFolder
+
+    folder = os.path.join(sharded["outdir"], "hf")
+    torch.manual_seed(0)
+    ref = peftfx.load(folder, STREAM_PLAN, example_inputs=_stream_inputs(), snapshots=False)
+    want = ref.state_dict()
+    full = sum(t.numel() * t.element_size() for t in want.values())
+    packed = local_bytes(ref)
+    largest = max(torch.Size(v["shape"]).numel() * 4 for _, v in SafetensorsFolder(folder).entries.values())
+    bound = (full - packed) + packed / WORLD + largest + 0.10 * (full + largest)
+    with torch.no_grad():
+        logits = ref(**_stream_inputs()).logits
+    for rank, r in enumerate(sharded["ranks"]):
+        res = r["stream"]
+        print(f"sharded streaming load, rank {rank}: peak {res['peak'] / 2**20:.2f} MiB (bound {bound / 2**20:.2f} MiB; "
+              f"compiled model {full / 2**20:.2f} MiB of which packed base {packed / 2**20:.2f} MiB)")
+        assert res["peak"] <= bound
+        assert torch.equal(res["logits"], logits)
+    got = sharded["ranks"][0]["stream"]["state"]
+    assert got.keys() == want.keys() and _base_bytes(got) == _base_bytes(want)
+    assert all(torch.equal(got[k], want[k]) for k in want if k.endswith(("lora_A", "lora_B")))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
