@@ -211,8 +211,9 @@ def local_bytes(gm: nn.Module, names: list[str] | None = None) -> int:
     """Bytes this rank holds for the frozen base storage (sharded parameters count their local,
     padded shard; replicated buffers their whole size). ``names``: the tensors to count
     (default: every :data:`BASE_TENSORS` entry of every swapped layer)."""
-    from peftfx.kernels.modules import QLoRALinear
     from torch.distributed.tensor import DTensor
+
+    from peftfx.kernels.modules import QLoRALinear
 
     total = 0
     for fqn, m in gm.named_modules():

@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from peftfx.errors import PlanError
 from torch import nn
+
+from peftfx.errors import PlanError
 
 __all__ = ["ShardedEstimate", "estimate_sharded"]
 

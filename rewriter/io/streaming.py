@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from peftfx.errors import CheckpointError, PeftfxError
-from peftfx.io.checkpoint import ST_DTYPES, safetensors_header, tensor_sha256
 from torch import Tensor, nn
 from torch.fx import GraphModule
+
+from peftfx.errors import CheckpointError, PeftfxError
+from peftfx.io.checkpoint import ST_DTYPES, safetensors_header, tensor_sha256
 
 __all__ = ["load", "SafetensorsFolder"]
 
@@ -257,6 +258,7 @@ class _WeightSource:
         if not self.sharded:
             return
         import torch.distributed as dist
+
         from peftfx.distributed.base_sharding import base_storage_names
 
         world, rank = dist.get_world_size(), dist.get_rank()

@@ -19,27 +19,17 @@ import os
 import traceback
 from datetime import timedelta
 
-import peftfx
 import pytest
 import torch
 import torch.distributed as dist
-from peftfx.distributed.base_sharding import (
-    BASE_TENSORS,
-    gathered_state_dict,
-    local_bytes,
-)
-from peftfx.io.checkpoint import read_safetensors, tensor_bytes
-from peftfx.kernels.formats import FORMATS
 from torch import nn
 
+import peftfx
+from peftfx.distributed.base_sharding import BASE_TENSORS, gathered_state_dict, local_bytes
+from peftfx.io.checkpoint import read_safetensors, tensor_bytes
+from peftfx.kernels.formats import FORMATS
 from tests.rewriter.test_distributed import (
-    WORLD,
-    llama_batches,
-    llama_gm,
-    rank_results,
-    run_workers,
-    shard_of,
-    train_single_process,
+    WORLD, llama_batches, llama_gm, rank_results, run_workers, shard_of, train_single_process,
 )
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -123,8 +113,9 @@ def mlp_gm(fmt: str, seed: int = 0):
 
 
 def _scenario_formats(rank: int) -> dict:
-    from peftfx.distributed import shard
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from peftfx.distributed import shard
 
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
     out = {}
@@ -305,9 +296,10 @@ def test_every_format_shards_byte_exact_and_uncast(sharded, fmt):
 
 def test_load_refuses_a_layout_it_cannot_reshard_to_and_changes_nothing(tmp_path):
     """A whole-model file is cut along dim 0 for each rank; a model sharded another way is refused."""
-    from peftfx.distributed.base_sharding import make_base_shardable
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
+
+    from peftfx.distributed.base_sharding import make_base_shardable
 
     gm = mlp_gm("nf4")
     path = peftfx.save_model(gm, tmp_path / "model.safetensors")
@@ -329,67 +321,14 @@ def test_load_refuses_a_layout_it_cannot_reshard_to_and_changes_nothing(tmp_path
         dist.destroy_process_group()
 
 
-LLAMA_2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                   num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096, use_cache=False,
-                   attn_implementation="sdpa")
-QLORA_PLAN = os.path.join(os.path.dirname(__file__), "..", "..", "plans", "llama_qlora.toml")
-
-
-def test_llama_2_70b_qlora_fits_two_24gb_cards_with_block_checkpointing_and_offload():
-    import transformers
-    from peftfx.inspect.estimate import format_bytes
-    from peftfx.inspect.fsdp_estimate import estimate_sharded
-
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_2_70B))
-    kw = dict(batch=1, seq=2048, dtype="bfloat16", train_device="cuda")
-    est = estimate_sharded(model, QLORA_PLAN, world_size=2, checkpoint="blocks", offload="cpu", **kw)
-    print(est.render())
-    assert est.peak <= 22 * 2**30, format_bytes(est.peak)
-    # each term moves the way it must: one rank alone holds the whole packed model (~34 GiB)
-    alone = estimate_sharded(model, QLORA_PLAN, world_size=1, checkpoint="blocks", offload="cpu", **kw)
-    assert alone.sharded_weights > 1.9 * est.sharded_weights and alone.peak > 32 * 2**30
-    flat = estimate_sharded(model, QLORA_PLAN, world_size=2, **kw)  # no checkpointing: every activation kept
-    assert flat.activations > 40 * 2**30 > est.activations
-
-
-def test_sharded_estimate_extrapolates_blocks_like_the_full_estimate():
-    """One rank, no checkpointing: the 1-and-2-block extrapolation equals estimating all 4 blocks."""
-    import transformers
-    from peftfx.inspect.estimate import estimate
-    from peftfx.inspect.fsdp_estimate import estimate_sharded
-
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-                                   attn_implementation="sdpa")
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    full = estimate(model, QLORA_PLAN, batch=2, seq=64, train_device="cuda").after
-    sharded = estimate_sharded(model, QLORA_PLAN, world_size=1, batch=2, seq=64)
-    assert sharded.sharded_weights == full.weight_bytes and sharded.activations == full.activations
-    assert sharded.peak == pytest.approx(full.peak, rel=0.02)
-
-
-def test_cli_estimate_world_size(tmp_path, capsys):
-    import json
-
-    from peftfx.inspect.cli import main
-
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 128,
-              "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert main(["estimate", str(tmp_path / "config.json"), "--plan", QLORA_PLAN, "--world-size", "2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["world_size"] == 2 and out["blocks"] == 4 and out["peak"] > out["sharded_weights"] > 0
-
-
 def test_sharded_base_is_regathered_for_recomputed_blocks(tmp_path):
     """Activation checkpointing per outlined block (what ``[memory] checkpoint = "blocks"`` does):
     the recomputation in backward needs the packed base again after FSDP2 freed it; FSDP2's
     pre-backward all-gather brings it back, so gradients equal those without checkpointing."""
+    from torch.distributed._composable import checkpoint
+
     from peftfx.distributed import shard
     from peftfx.distributed.blocks import outline_blocks
-    from torch.distributed._composable import checkpoint
 
     batch = shard_of(llama_batches()[0], 0)
     grads = []

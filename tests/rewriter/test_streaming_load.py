@@ -12,9 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
-import peftfx
 import pytest
 import torch
+
+import peftfx
 from peftfx.inspect.estimate import measure_peak
 from peftfx.io.streaming import SafetensorsFolder
 
@@ -123,6 +124,7 @@ def test_shard_not_matching_its_recorded_sha256_is_named(folder, tmp_path):
 def test_peftfx_tensor_checksum_mismatch_is_named(tmp_path):
     """Shards written by peftfx carry a sha256 per tensor; a changed payload is caught when read."""
     import transformers
+
     from peftfx.io.checkpoint import write_safetensors
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
