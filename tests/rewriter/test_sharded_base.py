@@ -349,3 +349,35 @@ def test_sharded_base_is_regathered_for_recomputed_blocks(tmp_path):
     assert plain.keys() == recomputed.keys() and {n.rpartition(".")[2] for n in plain} == {"lora_A", "lora_B"}
     assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)
     assert any(plain[n].abs().max() > 0 for n in plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.sh)")
+def test_every_format_shards_on_cuda_with_nccl(tmp_path):
+    """One rank on one GPU with nccl: the FrozenStorage all-gather hooks on CUDA tensors, under a
+    bf16 policy: every layer sees its base tensors uncast and the gathered bytes are unchanged."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from peftfx.distributed import shard
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(3, 64, device="cuda")
+        for fmt in FORMATS:
+            gm = mlp_gm(fmt).to("cuda")
+            single = _base_bytes(gm.state_dict())
+            dtypes = {n: t.dtype for n, t in gm.up.named_buffers()}
+            ref = gm(x).detach()
+            seen: dict[str, torch.dtype] = {}
+            gm.up.register_forward_pre_hook(
+                lambda m, a: seen.update({n: getattr(m, n).dtype for n in dtypes if getattr(m, n, None) is not None}))
+            plain_gm = copy.deepcopy(gm)
+            shard(plain_gm, per_block=False)
+            assert torch.equal(plain_gm(x).detach(), ref), fmt
+            shard(gm, per_block=False, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+            seen.clear()
+            gm(x.to(torch.bfloat16)).float().sum().backward()
+            assert seen == dtypes, fmt
+            assert _base_bytes(gathered_state_dict(gm)) == single, fmt
+    finally:
+        dist.destroy_process_group()
