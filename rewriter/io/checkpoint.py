@@ -38,9 +38,13 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
 
 from peftfx.errors import CheckpointError
+
+try:  # builds without torch.distributed have no shards to gather
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = ()
 
 __all__ = ["save_adapters", "load_adapters", "save_model", "load_model", "ADAPTER_FILE",
            "qlora_modules", "base_fingerprint", "layer_info", "tensor_bytes", "tensor_sha256",
@@ -84,12 +88,12 @@ def _whole(t: Tensor) -> Tensor:
 
 def _is_writer(gm: nn.Module) -> bool:
     """Rank 0 writes a sharded model's files; a plain model's caller always writes."""
-    return not (_sharded(gm) and dist.is_initialized() and dist.get_rank() != 0)
+    return not (_sharded(gm) and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def _meet(gm: nn.Module) -> None:
     """After a sharded save, no rank returns before the file exists."""
-    if _sharded(gm) and dist.is_initialized():
+    if _sharded(gm) and dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
@@ -123,8 +127,8 @@ def layer_info(gm: nn.Module) -> dict[str, dict[str, Any]]:
 
 # safetensors dtype names <-> torch dtypes (the ones a checkpoint of ours can hold)
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
