@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["FrozenStorage", "BASE_TENSORS", "plain", "make_base_shardable", "base_storage_names", "gathered_state_dict",
-           "full_tensor", "local_slice", "is_sharded", "local_bytes"]
+__all__ = ["FrozenStorage", "BASE_TENSORS", "plain", "make_base_shardable", "base_storage_names",
+           "gathered_state_dict", "full_tensor", "rank_chunk", "local_slice", "is_sharded", "local_bytes"]
 
 # QLoRALinear attributes holding the frozen base (the packed weight and what decodes it).
 BASE_TENSORS = ("weight", "weight_scales", "weight_scales2", "weight_offset", "bias")
@@ -79,7 +79,8 @@ class FrozenStorage(Tensor):
         return ["_data"], None
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict[str, Tensor], meta: None, outer_size: Any, outer_stride: Any) -> "FrozenStorage":
+    def __tensor_unflatten__(inner: dict[str, Tensor], meta: None, outer_size: Any,
+                             outer_stride: Any) -> "FrozenStorage":
         return FrozenStorage(inner["_data"])
 
     def __repr__(self) -> str:
@@ -198,13 +199,16 @@ def is_sharded(gm: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in gm.parameters())
 
 
-def local_slice(full: Tensor, like: Tensor) -> Tensor:
-    """This rank's dim-0 chunk of ``full`` for the FSDP2 shard ``like`` (a DTensor), as FSDP2 cuts
-    it (``torch.chunk``: equal chunks, the last ones shorter or empty)."""
-    mesh = like.device_mesh
-    chunks = torch.chunk(full, mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
+def rank_chunk(full: Tensor, world_size: int, rank: int) -> Tensor:
+    """Rank ``rank``'s dim-0 chunk of ``full`` as FSDP2 cuts it (``torch.chunk``: equal chunks,
+    the last ones shorter or empty); a view."""
+    chunks = torch.chunk(full, world_size, dim=0)
     return chunks[rank] if rank < len(chunks) else full.narrow(0, 0, 0)
+
+
+def local_slice(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's dim-0 chunk of ``full`` for the FSDP2 shard ``like`` (a DTensor)."""
+    return rank_chunk(full, like.device_mesh.size(), like.device_mesh.get_local_rank())
 
 
 def local_bytes(gm: nn.Module, names: list[str] | None = None) -> int:

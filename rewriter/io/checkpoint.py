@@ -290,7 +290,8 @@ def _local_parts(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor],
         src = tensors[k]
         if isinstance(t, DTensor):
             if any(not (isinstance(pl, Shard) and pl.dim == 0) for pl in t.placements):
-                raise CheckpointError(f"{path}: cannot reshard {k} to this model's layout {list(map(str, t.placements))} "
+                layout = [str(pl) for pl in t.placements]
+                raise CheckpointError(f"{path}: cannot reshard {k} to this model's layout {layout} "
                                       f"on a {t.device_mesh.size()}-rank mesh: a saved tensor is cut into this rank's "
                                       f"part along dim 0 only (Shard(0), as peftfx.distributed.shard and FSDP2's "
                                       f"default do); shard the model that way, or load before sharding")

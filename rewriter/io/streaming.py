@@ -12,8 +12,8 @@ of host memory before a single layer is quantized. :func:`load` instead
    capture (``torch.export``) sees the right shapes and dtypes while nothing is allocated;
    buffers computed at construction (RoPE tables) are real;
 3. compiles: each targeted linear's placeholder is read from its shard just before it is
-   quantized (exactly its bytes, at the header's offsets), quantized in slices, and dropped, so the dense weight of one layer
-   at a time exists;
+   quantized (exactly its bytes, at the header's offsets), quantized in slices, and dropped,
+   so the dense weight of one layer at a time exists;
 4. reads the remaining placeholders (embeddings, norms, head, untargeted linears) into the
    compiled module.
 
@@ -259,13 +259,11 @@ class _WeightSource:
             return
         import torch.distributed as dist
 
-        from peftfx.distributed.base_sharding import base_storage_names
+        from peftfx.distributed.base_sharding import base_storage_names, rank_chunk
 
-        world, rank = dist.get_world_size(), dist.get_rank()
         for name in base_storage_names(module):
             full = module._buffers[name]
-            chunks = torch.chunk(full, world, dim=0)
-            self.parts[(fqn, name)] = chunks[rank].clone() if rank < len(chunks) else full.narrow(0, 0, 0).clone()
+            self.parts[(fqn, name)] = rank_chunk(full, dist.get_world_size(), dist.get_rank()).clone()
             module._buffers[name] = torch.empty_like(full, device="meta")
 
     def fill_shards(self, gm: nn.Module) -> None:

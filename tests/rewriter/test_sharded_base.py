@@ -146,7 +146,8 @@ def _scenario_formats(rank: int) -> dict:
 
 
 STREAM_PLAN = {"targets": ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"],
-               "quant": {"format": "nf4", "double_quant": True}, "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}
+               "quant": {"format": "nf4", "double_quant": True},
+               "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}
 
 
 def _save_stream_folder(outdir: str) -> str:
@@ -249,7 +250,8 @@ def test_files_saved_from_shards_load_in_one_process(sharded):
     peftfx.save_model(whole, single)
     # the same file a single process writes: names, dtypes, bytes and metadata (whose order in
     # the header safetensors does not fix, so the files are compared parsed)
-    (a, meta_a), (b, meta_b) = read_safetensors(single), read_safetensors(os.path.join(outdir, "sharded_model.safetensors"))
+    (a, meta_a) = read_safetensors(single)
+    (b, meta_b) = read_safetensors(os.path.join(outdir, "sharded_model.safetensors"))
     assert meta_a == meta_b and a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and tensor_bytes(a[k]) == tensor_bytes(b[k]) for k in a)
 
@@ -272,7 +274,8 @@ def test_sharded_streaming_load_keeps_only_this_ranks_part_of_the_base(sharded):
         logits = ref(**_stream_inputs()).logits
     for rank, r in enumerate(sharded["ranks"]):
         res = r["stream"]
-        print(f"sharded streaming load, rank {rank}: peak {res['peak'] / 2**20:.2f} MiB (bound {bound / 2**20:.2f} MiB; "
+        print(f"sharded streaming load, rank {rank}: peak {res['peak'] / 2**20:.2f} MiB "
+              f"(bound {bound / 2**20:.2f} MiB; "
               f"compiled model {full / 2**20:.2f} MiB of which packed base {packed / 2**20:.2f} MiB)")
         assert res["peak"] <= bound
         assert torch.equal(res["logits"], logits)
