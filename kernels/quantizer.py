@@ -54,7 +54,7 @@ def _code_lut(bounds: Tensor, half: int = _LUT_HALF) -> tuple[Tensor, Tensor]:
 
 
 _NF4_LUT = _code_lut(CODE_BOUNDS["nf4"][0])
-_Q_CHUNK = 1 << 16  # elements per step of the table search (temporaries stay in L2)
+_Q_CHUNK = 1 << 14  # elements per step of the table search (its ~13 bytes/element of temporaries stay in L2)
 
 
 def _codes_nf4(scaled: Tensor) -> Tensor:
@@ -143,12 +143,37 @@ def _raise_nonfinite(w: Tensor, name: str | None) -> None:
     raise KernelError(f"{layer_prefix(name)}weight has NaN/Inf values (first at {bad}); cannot quantize")
 
 
+_STEP_ELEMENTS = 1 << 15  # 4-bit quantization works on slices this long: temporaries stay ~0.5 MiB
+
+
 def quantize_4bit(w: Tensor, block_size: int, format: str, *, name: str | None = None) -> tuple[Tensor, Tensor]:
     """bitsandbytes' ``quantize_4bit`` (default backend): packed uint8 [ceil(n/2)], fp32 absmax [n_blocks].
 
+    Works through the flattened weight in slices of whole blocks (an even number of elements),
+    so its fp32 temporaries (upcast, scaled values, codes) stay at one slice instead of 2-3x the
+    weight: quantizing one layer while loading a big model costs the layer plus a few MiB. Every
+    block is quantized on its own, so the bytes are those of one pass over the whole weight.
+
     Raises :class:`KernelError` (naming ``name``) when ``w`` has NaN/Inf values.
     """
-    flat = w.reshape(-1).float()
+    flat = w.reshape(-1)
+    n = flat.numel()
+    step = max(block_size, _STEP_ELEMENTS // block_size * block_size)  # whole blocks, even (block_size >= 16)
+    if n <= step:
+        return _quantize_4bit_slice(flat, w, block_size, format, name)
+    packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=w.device)
+    absmax = []
+    for e0 in range(0, n, step):
+        q, am = _quantize_4bit_slice(flat[e0:e0 + step], w, block_size, format, name)
+        packed[e0 // 2:e0 // 2 + q.numel()] = q
+        absmax.append(am)
+    return packed, torch.cat(absmax)
+
+
+def _quantize_4bit_slice(flat: Tensor, w: Tensor, block_size: int, format: str,
+                         name: str | None) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_4bit` of a 1-D slice starting on a block boundary (``w``: the whole weight, for errors)."""
+    flat = flat.float()
     n = flat.numel()
     rem = n % block_size
     full = n - rem
@@ -157,7 +182,7 @@ def quantize_4bit(w: Tensor, block_size: int, format: str, *, name: str | None =
     tail = flat[full:].abs().max() if rem else absmax[:0]
     if not (bool(torch.isfinite(absmax).all()) and bool(torch.isfinite(tail).all())):
         _raise_nonfinite(w, name)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1))).clamp_(-1, 1).reshape(-1)
     if rem:
         am = tail.clamp(min=1e-38)
         absmax = torch.cat([absmax, am.unsqueeze(0)])

@@ -25,9 +25,15 @@ from peftfx.targets import Target, resolve_targets
 __all__ = ["swap_linear", "build_module"]
 
 
-def _dense_weight(gm: GraphModule, target: Target) -> torch.Tensor:
-    """The site's weight as [out, in] (Conv1D stores it [in, out])."""
+def _dense_weight(gm: GraphModule, target: Target, materialize: Callable | None = None) -> torch.Tensor:
+    """The site's weight as [out, in] (Conv1D stores it [in, out]).
+
+    ``materialize`` (``peftfx.load``'s weight source) turns a placeholder weight into the real
+    one read from disk, so only the layer being quantized is ever dense in memory.
+    """
     weight = get_attr_value(gm, target.site.weight_attr).detach()
+    if materialize is not None:
+        weight = materialize(weight)
     return weight.t().contiguous() if target.site.kind == "addmm" else weight
 
 
@@ -78,9 +84,9 @@ DISPATCH: tuple[tuple[Callable[[Target], bool], Callable], ...] = (
 )
 
 
-def build_module(gm: GraphModule, target: Target) -> nn.Module:
+def build_module(gm: GraphModule, target: Target, materialize: Callable | None = None) -> nn.Module:
     """The replacement module for one target, chosen by :data:`DISPATCH`."""
-    w = _dense_weight(gm, target)
+    w = _dense_weight(gm, target, materialize)
     bias = get_attr_value(gm, target.site.bias_attr).detach() if target.site.bias_attr else None
     for predicate, builder in DISPATCH:
         if predicate(target):
@@ -142,7 +148,10 @@ def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     for target in targets:
         site = target.site
         weight_shape = tuple(get_attr_value(gm, site.weight_attr).shape)
-        module = build_module(gm, target)
+        source = ctx.options.get("weight_source")
+        module = build_module(gm, target, source.materialize if source is not None else None)
+        if source is not None:
+            source.built(site.fqn, module)
         site_nodes = set(site.nodes)
         set_submodule_safe(gm, site, module)
         for node in site.nodes:

@@ -30,6 +30,7 @@ _LAZY = {
     "export_peft": "peftfx.io.peft_io",
     "import_peft": "peftfx.io.peft_io",
     "merge": "peftfx.io.merging",
+    "load": "peftfx.io.streaming",
     "unmerge": "peftfx.io.merging",
     # one base, many adapters (peftfx.serve)
     "compile_multi": "peftfx.serve.multi_adapter",

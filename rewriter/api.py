@@ -36,6 +36,7 @@ def compile(  # noqa: A001 - the public verb
     release_source_weights: bool = True,
     snapshots: bool = True,
     tokenizer: Any = None,
+    weight_source: Any = None,
 ) -> GraphModule:
     """Compile ``model`` and ``plan`` into a trainable GraphModule.
 
@@ -50,6 +51,10 @@ def compile(  # noqa: A001 - the public verb
         snapshots: keep the graph code before/after every pass for ``peftfx inspect``.
         tokenizer: turns ``prompt.init_text`` into token ids for prompt-tuning init (a plan
             cannot hold a tokenizer).
+        weight_source: ``peftfx.load``'s streaming source: ``weight_source.materialize(weight)``
+            runs on each targeted linear's weight just before it is quantized (placeholders are
+            read from disk, one layer at a time), ``weight_source.built(fqn, module)`` on each
+            swapped module right after (a sharded load keeps only this rank's part of it).
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
@@ -71,7 +76,8 @@ def compile(  # noqa: A001 - the public verb
         plan=plan,
         model=model,
         example_inputs=example_inputs,
-        options={"release_source_weights": release_source_weights, "tokenizer": tokenizer},
+        options={"release_source_weights": release_source_weights, "tokenizer": tokenizer,
+                 "weight_source": weight_source},
     )
     gm, records = run_passes(gm, ctx, snapshots=snapshots)
     return emit(gm, training=training, plan=plan, records=records)

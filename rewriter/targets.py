@@ -15,10 +15,11 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from torch.fx import GraphModule, Node
+
 from peftfx.errors import PlanError
 from peftfx.plan import match
 from peftfx.trace import owner_stack
-from torch.fx import GraphModule, Node
 
 __all__ = ["LINEAR_TYPES", "BLOCK_PATTERN", "block_of", "LinearSite", "Target", "find_linear_sites", "resolve_targets"]
 

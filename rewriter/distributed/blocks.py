@@ -27,11 +27,12 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
 from peftfx.graph import set_submodule
 from peftfx.targets import block_of
 from peftfx.trace import owner_fqn
-from torch import nn
-from torch.fx import Graph, GraphModule, Node
 
 __all__ = ["OutlineResult", "block_prefixes", "outline_blocks"]
 

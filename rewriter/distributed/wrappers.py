@@ -7,9 +7,11 @@ tensors are adapter *parameters*. That split is what makes data parallelism safe
 * DDP all-reduces only parameters that require grad, so only adapters travel; buffers are
   broadcast once at construction (identical, byte-exact) and never again: re-broadcasting them
   every forward (DDP's default) would send the whole quantized model each step.
-* FSDP2 shards parameters only. Packed bytes stay replicated uint8 buffers: a mixed-precision
-  policy never casts them (FSDP+QLoRA stacks that store 4-bit codes in a float "quant_storage"
-  parameter are exposed to exactly that cast, and to NaN-canonicalizing copies of the bytes).
+* FSDP2 shards parameters only. :func:`shard` makes the packed base frozen parameters whose
+  data is a :class:`~peftfx.distributed.base_sharding.FrozenStorage` (FSDP2's all-gather
+  extension), so it is sharded across ranks but gathered as raw bytes: a mixed-precision policy
+  never casts it (FSDP+QLoRA stacks that store 4-bit codes in a float "quant_storage" parameter
+  are exposed to exactly that cast, and to NaN-canonicalizing copies of the bytes).
 
 Three things PyTorch does not do for us, and this module does:
 
@@ -28,8 +30,8 @@ Three things PyTorch does not do for us, and this module does:
    LoRA A is randomly initialized on each rank).
 3. **Saving from FSDP2.** :func:`full_adapter_state_dict` gathers the trainable parameters
    (DTensor shards) into full CPU tensors on rank 0, under the compiled model's own names;
-   :func:`save_adapters` writes them as ``peftfx.save_adapters`` does (loadable by
-   ``peftfx.load_adapters`` in a single process).
+   :func:`save_adapters` is ``peftfx.save_adapters`` (which gathers shards itself) written by
+   rank 0 only (loadable by ``peftfx.load_adapters`` in a single process).
 
 :func:`check_in_sync` compares byte fingerprints of every parameter and buffer across ranks and
 names the first tensor that differs: a cheap guard against silent divergence.
@@ -43,17 +45,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from peftfx.distributed.blocks import outline_blocks
-from peftfx.errors import PeftfxError
-from peftfx.io.checkpoint import (
-    ADAPTER_FILE,
-    _common_meta,
-    base_fingerprint,
-    write_safetensors,
-)
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
+
+from peftfx.distributed.base_sharding import FrozenStorage, is_sharded, make_base_shardable
+from peftfx.distributed.blocks import outline_blocks
+from peftfx.errors import PeftfxError
+from peftfx.io.checkpoint import save_adapters as save_file
 
 __all__ = [
     "ddp",
@@ -75,8 +74,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _check_storage(gm: nn.Module) -> None:
-    """Refuse integer *parameters*: DDP/FSDP treat parameters as float weights (cast, shard, reduce)."""
+    """Refuse integer *parameters*: DDP/FSDP treat parameters as float weights (cast, shard, reduce).
+
+    The exception is peftfx's own frozen base storage (:class:`~peftfx.distributed.base_sharding.FrozenStorage`,
+    made by :func:`shard`), which FSDP2 gathers as raw bytes and never casts or reduces."""
+    from torch.distributed.tensor import DTensor
+
+
     for name, p in gm.named_parameters():
+        if isinstance(p._local_tensor if isinstance(p, DTensor) else p, FrozenStorage) and not p.requires_grad:
+            continue
         if not (p.is_floating_point() or p.is_complex()):
             raise PeftfxError(
                 f"parameter {name!r} has dtype {p.dtype}: packed quantized storage must be a buffer, "
@@ -167,16 +174,19 @@ def ddp(gm: nn.Module, *, device_ids: list[int] | None = None, process_group: An
 
 
 def _broadcast_state(module: nn.Module, group: Any = None) -> None:
-    """Copy rank 0's parameters and buffers to every rank (FSDP2 has no ``sync_module_states``)."""
+    """Copy rank 0's parameters and buffers to every rank (FSDP2 has no ``sync_module_states``).
+
+    Meta tensors (a sharded ``peftfx.load`` fills each rank's shard after sharding) are skipped."""
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=src, group=group)
+            if t.device.type != "meta":
+                dist.broadcast(t.data, src=src, group=group)
 
 
 def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_after_forward: bool | None = None,
           offload_policy: Any = None, sync: bool = True, keep_adapters: bool = True,
-          per_block: bool = True) -> nn.Module:
+          per_block: bool = True, shard_base: bool = True) -> nn.Module:
     """Apply FSDP2 (``fully_shard``) to a compiled model, in place: each block, then the root.
 
     The exported graph reads every block's parameters directly (``get_attr``) rather than calling
@@ -185,8 +195,12 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
     results are unchanged). Each block (``model.layers.N``) then becomes its own FSDP group,
     gathered just before it runs and resharded after, and the root group holds the rest
     (embeddings, final norm, head). Adapter gradients are reduce-scattered, so optimizer state is
-    sharded too. Buffers, which hold the packed quantized base, are not sharded and never cast:
-    they stay uint8/int8 bytes under any ``mp_policy``. If the blocks cannot be outlined exactly
+    sharded too. The frozen packed base (codes, block scales, double-quant scales, zero points,
+    bias) is sharded too (``shard_base``): each layer's storage becomes frozen parameters that
+    FSDP2 splits along dim 0 and all-gathers per block as raw bytes, never cast by ``mp_policy``
+    (fp32 scales stay fp32 under bf16) and never given gradients
+    (:mod:`peftfx.distributed.base_sharding`); each rank then holds ~1/W of the packed model
+    between uses. If the blocks cannot be outlined exactly
     (a tied weight read outside its block, interleaved blocks), the whole model is one group and
     a warning says why. ``gm.meta["peftfx.fsdp_groups"]`` lists the groups (root last, as ``""``).
 
@@ -201,6 +215,8 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
         keep_adapters: install :func:`keep_adapters_in_graph` (before sharding, as it must be),
             on each block for its own parameters and on the root for the rest.
         per_block: one group per block (False: one group for the whole model).
+        shard_base: shard the frozen packed base across ranks (False: replicate it on every
+            rank as plain buffers, each rank holding the whole packed model).
 
     Returns:
         ``gm``, now also an ``FSDPModule`` (``gm.unshard()``, ``gm.reshard()``, ...); so is each block.
@@ -211,6 +227,8 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
     _check_storage(gm)
     if sync:
         _broadcast_state(gm, mesh.get_group() if mesh is not None else None)
+    if shard_base:
+        make_base_shardable(gm)
     blocks: list[str] = []
     if per_block and isinstance(gm, torch.fx.GraphModule):
         outlined = outline_blocks(gm)
@@ -269,28 +287,25 @@ def full_adapter_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dic
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path | None:
-    """``peftfx.save_adapters`` for a DDP or FSDP2 model: gather on every rank, write on rank 0.
+    """``peftfx.save_adapters`` for a DDP or FSDP2 model: one file, written by rank 0.
 
-    Collective: every rank must call it. The file is the one ``peftfx.save_adapters`` writes for a
-    single-process model (same names, plan, layer facts and base fingerprint; packed bases are
-    replicated buffers, so rank 0's fingerprint is every rank's), and it loads with
-    ``peftfx.load_adapters`` into a single-process compiled model. Ranks meet at a barrier after
-    the write, so the file exists when any rank returns.
+    Collective: every rank must call it. It is ``peftfx.save_adapters`` itself (the same file a
+    single process writes: names, plan, layer facts, base fingerprint), which gathers FSDP2 shards
+    (adapters and the sharded packed base) tensor by tensor; for a DDP replica only rank 0
+    writes. Ranks meet at a barrier after the write, so the file exists when any rank returns.
 
     Returns:
         The file path on rank 0, None on the other ranks.
     """
     gm = unwrap(model)
-    tensors = full_adapter_state_dict(model)
-    path = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / ADAPTER_FILE
-        write_safetensors(path, tensors, {**_common_meta(gm, "adapters"), "peftfx.fingerprint": base_fingerprint(gm)})
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if is_sharded(gm):
+        path = save_file(gm, directory)  # collective: gathers, rank 0 writes, all meet at a barrier
+    else:
+        path = save_file(gm, directory) if rank0 else None
+        if dist.is_initialized():
+            dist.barrier()
+    return path if rank0 else None
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,16 @@ def _cmd_estimate(args) -> int:
 
     plan = _load_plan(args.plan) if args.plan else None
     model, inputs, name = model_from_spec(args.model, device=args.device, batch=args.batch, seq=args.seq)
+    if args.world_size:  # per rank under FSDP2 (peftfx.distributed.shard): see inspect/fsdp_estimate.py
+        from peftfx.inspect.fsdp_estimate import estimate_sharded
+
+        if plan is None:
+            raise UsageError("--world-size needs --plan (the sharded estimate is of the plan's training step)")
+        sharded = estimate_sharded(model, plan, world_size=args.world_size, batch=args.batch or 2, seq=args.seq or 8,
+                                   optimizer=args.optimizer, dtype=args.dtype, train_device=args.train_device)
+        print(json.dumps({**sharded.to_dict(), "model": name}, indent=2) if args.json
+              else f"peftfx estimate: {name}\n{sharded.render()}")
+        return EXIT_OK
     est = estimate(model, plan, example_inputs=inputs, optimizer=args.optimizer, dtype=args.dtype,
                    train_device=args.train_device)
     est.model = name
@@ -134,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the model on meta (nothing allocated, default) or cpu (real weights)")
     p.add_argument("--train-device", choices=("cpu", "cuda"), default="cpu",
                    help="where the optimizer step runs (sets its temporaries: single-tensor vs foreach AdamW)")
+    p.add_argument("--world-size", type=_positive, metavar="W",
+                   help="per-rank peak when FSDP2 shards the model (and its packed base) over W ranks")
     p.add_argument("--json", action="store_true", help="machine-readable estimate")
     p.set_defaults(fn=_cmd_estimate)
 

@@ -24,10 +24,11 @@ import json
 from typing import Mapping
 
 import torch
+from torch import Tensor, nn
+
 from peftfx.errors import CheckpointError, KernelError
 from peftfx.kernels.formats import DYNAMIC_CODE, QuantizedWeight, code_for
 from peftfx.kernels.modules import qlora_layers
-from torch import Tensor, nn
 
 __all__ = ["to_bnb", "from_bnb", "bnb_state_dict", "to_linear4bit", "BNB_FORMATS"]
 

@@ -15,6 +15,16 @@ Both writers store a flat ``{name: tensor}`` safetensors file whose header metad
 Loaders verify everything first (header, sizes, checksums, keys, shapes, dtypes, layers, base)
 and copy only when all of it passed: a failed load leaves the module untouched. Nothing is ever
 pickled; ``load_model`` fills a GraphModule compiled from the same model and plan.
+
+Sharded models (``peftfx.distributed.shard``: FSDP2 DTensor shards, the packed base included)
+save and load through the same functions, which are then collective (every rank calls them):
+shards are all-gathered tensor by tensor, rank 0 writes the file a single process would write
+(same names, bytes, checksums and fingerprint), and loading copies into each rank its own dim-0
+chunk of every tensor, so a file saved under one world size loads under any other.
+
+(Over 400 lines on purpose: this is the one home of the file format, its checks and both
+writers/readers; the distributed halves are a few lines each and delegate to
+:mod:`peftfx.distributed.base_sharding`.)
 """
 from __future__ import annotations
 
@@ -26,15 +36,23 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
 from peftfx import __version__
 from peftfx.api import trainable_parameters
+from peftfx.distributed.base_sharding import full_tensor, gathered_state_dict, local_slice, plain
 from peftfx.errors import CheckpointError
 from peftfx.kernels.modules import qlora_layers
-from torch import Tensor, nn
+
+try:  # builds without torch.distributed have no shards to gather
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = ()
 
 __all__ = ["save_adapters", "load_adapters", "save_model", "load_model", "ADAPTER_FILE",
            "base_fingerprint", "layer_info", "tensor_bytes", "tensor_sha256",
-           "write_safetensors", "read_safetensors"]
+           "write_safetensors", "read_safetensors", "safetensors_header", "ST_DTYPES"]
 
 ADAPTER_FILE = "peftfx_adapters.safetensors"
 _BASE_BUFFERS = ("weight", "weight_scales", "weight_scales2", "weight_offset", "bias")
@@ -52,14 +70,40 @@ def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
+def _sharded(gm: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in gm.parameters())
+
+
+def _whole(t: Tensor) -> Tensor:
+    """``t`` as a full plain tensor; an FSDP2 shard is all-gathered (collective, same order on every rank)."""
+    if isinstance(t, DTensor):
+        return full_tensor(t)
+    return t
+
+
+def _is_writer(gm: nn.Module) -> bool:
+    """Rank 0 writes a sharded model's files; a plain model's caller always writes."""
+    return not (_sharded(gm) and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def _meet(gm: nn.Module) -> None:
+    """After a sharded save, no rank returns before the file exists."""
+    if _sharded(gm) and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def base_fingerprint(gm: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per swapped layer: format, ``[out, in]`` and a sha256 over its frozen base tensors."""
+    """Per swapped layer: format, ``[out, in]`` and a sha256 over its frozen base tensors.
+
+    Collective on a sharded model (each base tensor is gathered in turn: every rank must call it).
+    """
     out = {}
     for fqn, m in qlora_layers(gm).items():
         h = hashlib.sha256()
         for name in _BASE_BUFFERS:
             t = getattr(m, name, None)
             if isinstance(t, Tensor) and (name != "weight_scales" or t.numel()):
+                t = _whole(t)
                 h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
                 h.update(tensor_bytes(t))
         out[fqn] = {"format": m.format, "shape": [m.out_features, m.in_features], "sha256": h.hexdigest()}
@@ -77,9 +121,9 @@ def layer_info(gm: nn.Module) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- safetensors I/O
 
 # safetensors dtype names <-> torch dtypes (the ones a checkpoint of ours can hold)
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -93,6 +137,48 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], me
     tmp = Path(f"{path}.tmp")
     save_file(tensors, str(tmp), metadata=header)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def _parse_header(path: Path, head: bytes, size: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensor entries, metadata) from ``head`` (the file's first bytes, header included) of a
+    ``size``-byte safetensors file; raises CheckpointError for a short, cut or malformed file."""
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > size - 8 or n > len(head) - 8:
+        raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size - 8}; "
+                              f"the file is truncated or not safetensors")
+    try:
+        header = json.loads(head[8:8 + n].decode("utf-8"))
+        meta = header.pop("__metadata__", None) or {}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        for k, v in header.items():
+            if v["dtype"] not in ST_DTYPES:
+                raise ValueError(f"tensor {k!r} has unsupported dtype {v['dtype']!r}")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: bad safetensors header ({e}); the file is corrupt, re-save it") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: payload is {size - 8 - n} bytes but the header describes {end}; "
+                              f"the file is truncated or was modified")
+    return header, meta
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensor entries ``{name: {"dtype", "shape", "data_offsets"}}``, metadata) of a safetensors
+    file, reading only its header; checks that the file is as long as the header says.
+
+    Raises:
+        CheckpointError: missing file, bad header, or a truncated/padded payload (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            head += f.read(min(struct.unpack("<Q", head)[0], size))
+    return _parse_header(path, head, size)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -109,24 +195,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     data = path.read_bytes()
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: {len(data)} bytes is too short for a safetensors file (truncated?)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise CheckpointError(f"{path}: header claims {n} bytes but the file has {len(data) - 8}; "
-                              f"the file is truncated or not safetensors")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-        meta = header.pop("__metadata__", None) or {}
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        for k, v in header.items():
-            if v["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"tensor {k!r} has unsupported dtype {v['dtype']!r}")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: bad safetensors header ({e}); the file is corrupt, re-save it") from None
-    if 8 + n + end != len(data):
-        raise CheckpointError(f"{path}: payload is {len(data) - 8 - n} bytes but the header describes {end}; "
-                              f"the file is truncated or was modified")
+    _, meta = _parse_header(path, data, len(data))
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own SafetensorError for inconsistent headers
@@ -204,10 +273,32 @@ def _check_base(gm: nn.Module, meta: Mapping[str, str], path: Path) -> None:
                               f"they were saved with, or pass verify_base=False if you know better")
 
 
-def _copy_in(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> None:
+def _local_parts(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor],
+                 path: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name: (destination, source)}``: for an FSDP2 shard, its local storage and this rank's chunk."""
+    parts = {}
+    for k, t in targets.items():
+        src = tensors[k]
+        if isinstance(t, DTensor):
+            if any(not (isinstance(pl, Shard) and pl.dim == 0) for pl in t.placements):
+                layout = [str(pl) for pl in t.placements]
+                raise CheckpointError(f"{path}: cannot reshard {k} to this model's layout {layout} "
+                                      f"on a {t.device_mesh.size()}-rank mesh: a saved tensor is cut into this rank's "
+                                      f"part along dim 0 only (Shard(0), as peftfx.distributed.shard and FSDP2's "
+                                      f"default do); shard the model that way, or load before sharding")
+            t, src = plain(t), local_slice(src, t)
+            if t.shape != src.shape:
+                raise CheckpointError(f"{path}: {k}: this rank's shard is {list(t.shape)} but the file's chunk "
+                                      f"for it is {list(src.shape)}; shard the model as peftfx.distributed.shard does")
+        parts[k] = (t, src)
+    return parts
+
+
+def _copy_in(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor], path: Path) -> None:
+    parts = _local_parts(targets, tensors, path)  # all checked before the first copy
     with torch.no_grad():
-        for k, t in targets.items():
-            t.copy_(tensors[k])
+        for dst, src in parts.values():
+            dst.copy_(src)
 
 
 # ---------------------------------------------------------------- adapters
@@ -215,6 +306,9 @@ def _copy_in(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> No
 
 def save_adapters(gm: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the trainable tensors of ``gm`` (what the optimizer updates) with plan and base fingerprint.
+
+    On a model sharded by ``peftfx.distributed.shard`` this is collective: every rank calls it,
+    rank 0 writes the file one process would write, and all ranks return once it exists.
 
     Args:
         gm: a module from :func:`peftfx.compile`.
@@ -233,10 +327,13 @@ def save_adapters(gm: nn.Module, directory: str | os.PathLike) -> Path:
         raise CheckpointError("the module has no trainable parameters to save "
                               "(was it compiled with lora/prefix/prompt?)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / ADAPTER_FILE
+    params = {k: _whole(p) for k, p in params.items()}
     meta = {**_common_meta(gm, "adapters"), "peftfx.fingerprint": base_fingerprint(gm)}
-    write_safetensors(path, params, meta)
+    if _is_writer(gm):
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, params, meta)
+    _meet(gm)
     return path
 
 
@@ -264,7 +361,7 @@ def load_adapters(gm: nn.Module, directory: str | os.PathLike, *, verify_base: b
     _check_layers(gm, meta, path, ("format", "shape", "r", "alpha", "scaling"))
     if verify_base:
         _check_base(gm, meta, path)
-    _copy_in(params, tensors)
+    _copy_in(params, tensors, path)
     return {"plan": json.loads(meta.get("peftfx.plan", "null")), "version": meta.get("peftfx.version")}
 
 
@@ -290,17 +387,30 @@ def save_model(gm: nn.Module, path: str | os.PathLike) -> Path:
 
     The GraphModule itself is never pickled: rebuild it with :func:`peftfx.compile` (same model
     class and plan; the plan is in the file's metadata) and call :func:`load_model`.
+
+    On a sharded model this is collective: shards are gathered tensor by tensor to rank 0, which
+    writes the single-process file (rank 0's host then holds the whole state once).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    unique, aliases = _dedupe(gm.state_dict())
-    meta = {**_common_meta(gm, "model"), "peftfx.aliases": aliases, "peftfx.fingerprint": base_fingerprint(gm)}
-    write_safetensors(path, unique, meta)
+    if _sharded(gm):
+        state = gathered_state_dict(gm)  # ties stay one tensor: stored once, as in one process
+    else:
+        state = gm.state_dict()
+    fingerprint = base_fingerprint(gm)
+    if _is_writer(gm):
+        unique, aliases = _dedupe(state)
+        meta = {**_common_meta(gm, "model"), "peftfx.aliases": aliases, "peftfx.fingerprint": fingerprint}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, unique, meta)
+    _meet(gm)
     return path
 
 
 def load_model(gm: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Fill ``gm``'s parameters and buffers from :func:`save_model`'s file, bit-exactly, or change nothing.
+
+    A sharded model takes on each rank its own dim-0 chunk of every tensor, whatever world size
+    (or single process) saved the file.
 
     Raises:
         CheckpointError: as :func:`load_adapters` (every state-dict key must match in name, dtype
@@ -317,5 +427,5 @@ def load_model(gm: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     targets = gm.state_dict(keep_vars=True)
     _check_keys(targets, tensors, path)
     _check_layers(gm, meta, path, ("format", "shape", "block_size", "block_size2", "dtype", "r", "alpha", "scaling"))
-    _copy_in(targets, tensors)
+    _copy_in(targets, tensors, path)
     return {"plan": json.loads(meta.get("peftfx.plan", "null")), "version": meta.get("peftfx.version")}

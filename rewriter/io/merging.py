@@ -19,12 +19,13 @@ import copy
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
 from peftfx.errors import CheckpointError
 from peftfx.graph import set_submodule
 from peftfx.kernels import quantizer, reference
 from peftfx.kernels.modules import QLoRALinear, qlora_layers
-from torch import Tensor, nn
-from torch.fx import GraphModule
 
 __all__ = ["merge", "unmerge", "merge_report", "merged_weight", "UNMERGE_KEY", "MERGE_REPORT_KEY"]
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from peftfx.errors import CheckpointError
 from peftfx.io.checkpoint import read_safetensors
 from peftfx.kernels.modules import qlora_layers
@@ -36,7 +38,6 @@ from peftfx.passes.prefix_tuning import (
     load_prefix_prompt_embeddings,
     prefix_prompt_embeddings,
 )
-from torch import Tensor, nn
 
 __all__ = ["export_peft", "import_peft", "CONFIG_NAME", "WEIGHTS_NAME", "peft_key", "lora_config_fields"]
 

@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
 from peftfx.api import as_plan
 from peftfx.api import compile as compile_plan
 from peftfx.errors import CheckpointError, PeftfxError, PlanError
@@ -38,9 +42,6 @@ from peftfx.kernels.multi_lora import MultiLoRALinear
 from peftfx.plan import Plan, Rule
 from peftfx.targets import LINEAR_TYPES
 from peftfx.trace import SIGNATURE_KEY
-from torch import Tensor, nn
-from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
 __all__ = ["compile_multi", "adapter_index", "add_adapter", "remove_adapter", "check_adapter_ids",
            "adapter_names", "AdapterIdError", "META_KEY", "IDS_ARG"]

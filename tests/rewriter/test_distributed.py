@@ -31,7 +31,7 @@ JOIN_TIMEOUT_S = 120.0
 
 # ---------------------------------------------------------------- models, plans, data (shared)
 
-def _llama_gm(seed: int = 0):
+def llama_gm(seed: int = 0):
     from tests.model_zoo import make_case
 
     case = make_case("llama", seed=seed)
@@ -41,7 +41,7 @@ def _llama_gm(seed: int = 0):
     return peftfx.compile(case.model, plan, example_inputs=case.inputs)
 
 
-def _llama_batches() -> list[dict]:
+def llama_batches() -> list[dict]:
     """STEPS global batches of WORLD * PER_RANK sequences; rank r takes rows [r*PER_RANK, (r+1)*PER_RANK)."""
     g = torch.Generator().manual_seed(1234)
     out = []
@@ -51,7 +51,7 @@ def _llama_batches() -> list[dict]:
     return out
 
 
-def _shard_of(batch: dict, rank: int) -> dict:
+def shard_of(batch: dict, rank: int) -> dict:
     return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
 
 
@@ -97,7 +97,7 @@ def _two_heads_loss(gm, x, y, z, rank: int, step: int):
     return loss + F.mse_loss(aux, z) if _uses_aux(rank, step) else loss
 
 
-def _adapters(gm) -> dict:
+def adapters_of(gm) -> dict:
     return {n: p.detach().clone() for n, p in peftfx.trainable_parameters(gm).items()}
 
 
@@ -125,14 +125,14 @@ def _scenario_ddp(rank: int, gm) -> dict:
     model.register_comm_hook(None, recording_hook)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     losses = []
-    for batch in _llama_batches():
-        loss = model(**_shard_of(batch, rank)).loss
+    for batch in llama_batches():
+        loss = model(**shard_of(batch, rank)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     check_in_sync(model)
-    return {"adapters": _adapters(gm), "before": before, "after": _buffer_prints(gm), "reduced": reduced,
+    return {"adapters": adapters_of(gm), "before": before, "after": _buffer_prints(gm), "reduced": reduced,
             "losses": losses}
 
 
@@ -158,8 +158,8 @@ def _scenario_fsdp(rank: int, gm, outdir: str) -> dict:
     is_fsdp = {g: isinstance(gm.get_submodule(g), FSDPModule) for g in groups}
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-3)
     losses = []
-    for batch in _llama_batches():
-        loss = gm(**_shard_of(batch, rank)).loss
+    for batch in llama_batches():
+        loss = gm(**shard_of(batch, rank)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -194,7 +194,7 @@ def _scenario_unused(rank: int) -> dict:
         check_in_sync(model)
     except peftfx.PeftfxError as exc:
         detected = str(exc)
-    return {"adapters": _adapters(gm), "detected": detected}
+    return {"adapters": adapters_of(gm), "detected": detected}
 
 
 def _scenario_fsdp_bf16(rank: int) -> dict:
@@ -216,7 +216,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     results = {}
-    llama = _llama_gm()
+    llama = llama_gm()
     llama_copy = copy.deepcopy(llama)  # a compile costs seconds; the copy is the same model
     scenarios = (("ddp", lambda: _scenario_ddp(rank, llama)), ("fsdp", lambda: _scenario_fsdp(rank, llama_copy, outdir)),
                  ("unused", lambda: _scenario_unused(rank)), ("fsdp_bf16", lambda: _scenario_fsdp_bf16(rank)))
@@ -234,7 +234,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -247,7 +247,7 @@ def run_workers(fn, outdir: str, *, meanwhile=lambda: None, timeout: float = JOI
     killed if still alive, whatever happens here.
     """
     ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=fn, args=(rank, port, outdir), daemon=True) for rank in range(WORLD)]
     try:
         for p in procs:
@@ -274,27 +274,27 @@ def load_rank_results(outdir: str) -> list[dict]:
 
 # ---------------------------------------------------------------- test side
 
-def _llama_reference() -> dict:
+def train_single_process() -> dict:
     """Single-process AdamW training on the global batch: per-step losses and final adapters."""
-    gm = _llama_gm()
+    gm = llama_gm()
     fresh = copy.deepcopy(gm)
-    initial = _adapters(gm)
+    initial = adapters_of(gm)
     opt = torch.optim.AdamW(peftfx.trainable_parameters(gm).values(), lr=5e-3)
     losses = []
-    for batch in _llama_batches():
+    for batch in llama_batches():
         loss = gm(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return {"gm": gm, "fresh": fresh, "losses": losses, "adapters": _adapters(gm), "buffers": _buffer_prints(gm),
+    return {"gm": gm, "fresh": fresh, "losses": losses, "adapters": adapters_of(gm), "buffers": _buffer_prints(gm),
             "initial": initial}
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("dist"))
-    codes, reference = run_workers(_worker, outdir, meanwhile=_llama_reference)
+    codes, reference = run_workers(_worker, outdir, meanwhile=train_single_process)
     return {"codes": codes, "ranks": load_rank_results(outdir), "outdir": outdir, "reference": reference}
 
 
@@ -366,8 +366,8 @@ def test_fsdp_losses_match_and_saved_adapters_load_back(dist_results, llama_refe
     assert r0["path"] is not None and r1["path"] is None  # written by rank 0 only
     fresh = llama_reference["fresh"]  # untrained, single process
     peftfx.load_adapters(fresh, r0["path"])  # also verifies plan layers and the base fingerprint
-    assert _max_diff(_adapters(fresh), llama_reference["adapters"]) <= 1e-6
-    batch = _llama_batches()[0]
+    assert _max_diff(adapters_of(fresh), llama_reference["adapters"]) <= 1e-6
+    batch = llama_batches()[0]
     with torch.no_grad():
         out, ref = fresh(**batch).logits, llama_reference["gm"](**batch).logits
     out_diff = (out - ref).abs().max().item()
@@ -387,7 +387,7 @@ def test_unused_adapter_does_not_diverge_ranks(dist_results):
         (sum(losses) / WORLD).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    diff = _max_diff(r0["adapters"], _adapters(gm))
+    diff = _max_diff(r0["adapters"], adapters_of(gm))
     print(f"unused adapter, DDP vs single process: max |adapter diff| = {diff:.3g}")
     assert diff <= 1e-6
     for r in (r0, r1):  # a replica with one flipped packed byte is caught and named, on every rank
@@ -446,7 +446,7 @@ def test_shard_warns_and_makes_one_group_when_blocks_cannot_be_outlined():
                         example_inputs=(torch.randn(3, 16),))
     x = torch.randn(4, 16)
     ref = gm(x).detach()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         with pytest.warns(UserWarning, match="one FSDP2 group.*read outside its block"):
             shard(gm)
