@@ -4,6 +4,7 @@
 ``model.layers.3``, see :mod:`peftfx.distributed.blocks`) and runs it under
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``:
 
+* ``policy = "none"``: no recompute, the block runs as it is (a planner's per-block choice).
 * ``policy = "full"``: nothing inside the block is saved for backward; the block's inputs are
   (non-reentrant checkpoint saves them through autograd's saved-tensor hooks), and backward
   re-runs the block's forward first. RNG state (dropout) is restored before the recompute, so the
@@ -39,7 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 __all__ = ["CheckpointedBlock", "SAVE_OPS", "POLICIES", "save_policy", "HostOffload", "offload_hooks"]
 
-POLICIES = ("full", "selective")
+POLICIES = ("none", "full", "selective")
 _aten = torch.ops.aten
 
 
@@ -125,8 +126,9 @@ class CheckpointedBlock(GraphModule):
     Args:
         block: the outlined block (a ``GraphModule``); its graph, children, parameters and buffers
             move over unchanged (same names, same tensor objects).
-        policy: ``"full"`` (recompute everything; keep only the inputs) or ``"selective"``.
-        offload: park the saved inputs in pinned host memory (CUDA only).
+        policy: ``"full"`` (recompute everything; keep only the inputs), ``"selective"`` or
+            ``"none"`` (no recompute).
+        offload: park the saved inputs in pinned host memory (CUDA only; not with ``"none"``).
 
     Shapes: whatever ``block`` takes and returns (``[batch, seq, hidden]`` hidden states and the
     position embeddings / masks the root computes); outputs and gradients are bitwise ``block``'s.
@@ -162,7 +164,7 @@ class CheckpointedBlock(GraphModule):
         # GraphModule's per-instance class routes calls here (its _WrappedCall calls the base
         # class's __call__); nn.Module.__call__ then runs the generated forward
         run = functools.partial(nn.Module.__call__, self)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.policy == "none":
             return run(*args)
         ckpt = functools.partial(checkpoint, run, use_reentrant=False, context_fn=self._context)
         if not self.offload:

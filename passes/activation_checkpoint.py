@@ -22,6 +22,8 @@ same inputs with the RNG state restored (dropout masks replay).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
 
@@ -33,10 +35,27 @@ from peftfx.errors import PlanError
 from peftfx.kernels.checkpointed_block import CheckpointedBlock, save_policy
 from peftfx.pass_manager import PassContext, PassResult, register_pass
 
-__all__ = ["activation_checkpoint", "checkpoint_blocks", "apply_policies", "saved_by_block"]
+__all__ = ["activation_checkpoint", "checkpoint_blocks", "apply_policies", "saved_by_block", "planning_device"]
 
 FALLBACK_KEY = "peftfx.recompute_fallback"
 _SAVED_TARGETS = ("linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "scaled_dot_product_attention")
+
+
+_PLANNING_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftfx_planning_device", default=None)
+
+
+@contextlib.contextmanager
+def planning_device(device: str):
+    """Plan budgets for training on ``device`` ("cpu" | "cuda") instead of the module's own device.
+
+    The memory estimate compiles fake CPU twins of models that will train on CUDA, where host
+    offload takes effect and the optimizer step's temporaries differ.
+    """
+    token = _PLANNING_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _PLANNING_DEVICE.reset(token)
 
 
 def _describe(node: Node) -> str:
@@ -157,7 +176,7 @@ def activation_checkpoint(gm: GraphModule, ctx: PassContext) -> PassResult:
     spec = ctx.plan.memory
     budget = spec.budget_bytes
     first = next(gm.parameters(), None)
-    train_device = "cuda" if first is not None and first.device.type == "cuda" else "cpu"
+    train_device = _PLANNING_DEVICE.get() or ("cuda" if first is not None and first.device.type == "cuda" else "cpu")
     blocks: list[str] = []
     if spec.checkpoint != "off":
         blocks = checkpoint_blocks(gm, spec.checkpoint, spec.offload)

@@ -35,6 +35,7 @@ def compile(  # noqa: A001 - the public verb
     release_source_weights: bool = True,
     snapshots: bool = True,
     tokenizer: Any = None,
+    dynamic: bool = True,
 ) -> GraphModule:
     """Compile ``model`` and ``plan`` into a trainable GraphModule.
 
@@ -49,6 +50,8 @@ def compile(  # noqa: A001 - the public verb
         snapshots: keep the graph code before/after every pass for ``peftfx inspect``.
         tokenizer: turns ``prompt.init_text`` into token ids for prompt-tuning init (a plan
             cannot hold a tokenizer).
+        dynamic: False captures for the example's exact shapes only (a faster capture, e.g. for
+            the memory estimate's fake twin, which runs one input size).
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
@@ -65,7 +68,7 @@ def compile(  # noqa: A001 - the public verb
     """
     plan = as_plan(plan)
     training = model.training
-    gm = capture(model, example_inputs)
+    gm = capture(model, example_inputs, dynamic=dynamic)
     ctx = PassContext(
         plan=plan,
         model=model,
