@@ -93,8 +93,11 @@ def step_breakdown(module: nn.Module, example_inputs: Any, *, optimizer: str = "
 
     ``module`` is not run or changed; it may hold real, meta or fake tensors.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # a module that is itself a fake twin (a budget planned while the estimate compiles) keeps its
+    # fake mode: tensors of two fake modes cannot meet in one op
+    fake = next((t for t in module.parameters() if is_fake(t)), None)
+    mode = fake.fake_mode if fake is not None else FakeTensorMode(allow_non_fake_inputs=False)
     twin = fake_twin(module, mode).train()
     return measure(twin, fake_inputs(mode, example_inputs), mode, optimizer, train_device)
