@@ -14,6 +14,7 @@ Example::
 
     $ peftfx inspect tests/data/llama/config.json --plan plan.toml --pass swap_linear
     $ peftfx estimate llama-7b/config.json --plan qlora.toml --batch 4 --seq 2048 --json
+    $ peftfx estimate llama-7b/config.json --plan qlora.toml --seq 2048 --train-device cuda --fit 24GiB
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _cmd_estimate(args) -> int:
     plan = _load_plan(args.plan) if args.plan else None
     model, inputs, name = model_from_spec(args.model, device=args.device, batch=args.batch, seq=args.seq)
     est = estimate(model, plan, example_inputs=inputs, optimizer=args.optimizer, dtype=args.dtype,
-                   train_device=args.train_device)
+                   train_device=args.train_device, fit=args.fit)
     est.model = name
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.render())
     return EXIT_OK
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the model on meta (nothing allocated, default) or cpu (real weights)")
     p.add_argument("--train-device", choices=("cpu", "cuda"), default="cpu",
                    help="where the optimizer step runs (sets its temporaries: single-tensor vs foreach AdamW)")
+    p.add_argument("--fit", metavar="SIZE", help="also find the cheapest [memory] settings and the largest batch "
+                   "whose peak fits in SIZE (e.g. 24GiB, 48GB; needs --plan)")
     p.add_argument("--json", action="store_true", help="machine-readable estimate")
     p.set_defaults(fn=_cmd_estimate)
 

@@ -166,3 +166,25 @@ def test_qlora_llama_configs_fit_their_cards_with_checkpointing(size, batch, mem
           f"(offloaded {format_bytes(est.after.offloaded)}, {est.seconds:.0f} s)")
     assert est.after.peak <= limit_gib * 2**30
     assert est.memory["checkpointed_blocks"] == model.config.num_hidden_layers
+
+
+def test_cli_estimate_fit_and_inspect_show_the_memory_settings(tmp_path, capsys):
+    import json
+
+    from peftfx.inspect.cli import main
+
+    _small_llama(2).config.to_json_file(tmp_path / "config.json")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({**QLORA, "memory": {"checkpoint": "blocks", "offload": "cpu"}}))
+    args = [str(tmp_path / "config.json"), "--plan", str(plan), "--batch", "2", "--seq", "32"]
+    assert main(["estimate", *args, "--fit", "1GiB", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["schema_version"] == 1 and isinstance(est["after"]["peak"], int)
+    assert est["memory"]["checkpoint"] == "blocks" and est["memory"]["checkpointed_blocks"] == 2
+    assert est["fit"]["chosen"]["checkpoint"] == "off" and est["fit"]["max_batch"] > 2  # 1 GiB: everything fits
+    assert main(["estimate", *args, "--fit", "lots"]) == 2
+    assert "'lots'" in capsys.readouterr().err
+    assert main(["inspect", *args]) == 0
+    out = capsys.readouterr().out
+    assert "pass activation_checkpoint" in out and "block=model.layers.1, policy=full" in out and "saves=" in out
+    assert "offload=accepted, no effect" in out
