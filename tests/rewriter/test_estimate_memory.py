@@ -122,6 +122,7 @@ def test_an_unreachable_budget_names_the_smallest_reachable_peak():
                        example_inputs=inputs)
 
 
+@pytest.mark.slow
 def test_fit_picks_the_cheapest_setting_and_the_largest_batch(peaks_by_policy):
     gm, peaks = peaks_by_policy
     size = (peaks["none"] + peaks["selective"]) // 2  # off does not fit, selective does
