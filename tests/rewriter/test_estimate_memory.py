@@ -70,7 +70,9 @@ def test_measured_peak_follows_the_estimate_for_each_memory_setting(setting):
     print(f"{setting}: estimated {format_bytes(est.after.peak)}, measured {format_bytes(measured)}, ratio {ratio:.3f}")
     assert 0.85 <= ratio <= 1.15, (setting, est.after.peak, measured)
     off = estimate(_small_llama(), QLORA, example_inputs=inputs).after.peak
-    assert est.after.peak < 0.9 * off  # checkpointing shows up in the estimate at all
+    # checkpointing shows up in the estimate: blocks keep far less; selective keeps most of a Llama
+    # block anyway (its matmul outputs are most of what a block saves) but still less than off
+    assert est.after.peak < (0.9 if setting.startswith("blocks") else 1.0) * off
 
 
 def test_offload_on_cuda_moves_block_inputs_off_the_device_in_the_estimate():

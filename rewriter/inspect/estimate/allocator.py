@@ -188,9 +188,12 @@ def measure(twin: nn.Module, inputs: Any, mode, optimizer: str, train_device: st
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = call(twin, inputs)
         loss = loss_of(out)
+        # a training loop keeps the loss, not the outputs: the logits live on during backward only
+        # where the loss saved them (with recompute, the peak comes after the loss's backward)
+        del out
         if loss.requires_grad:
             loss.backward()
-        del out, loss
+        del loss
         for p in params:
             p.grad = None
     weights = _weights_by_kind(twin, params, buffers)
