@@ -5,6 +5,8 @@
 #   2. fused NF4+LoRA forward and forward+backward vs bf16 F.linear + LoRA and vs dequantize-then-matmul,
 #      M in (1, 16, 4096), K = N = 4096, r = 16 (bench/gpu_kernels.py, limit 170 s), table ->
 #      $OUT/gpu_results.md. Worst case about 8 minutes including startup.
+#   3. activation memory (bench/activation_memory.py --device cuda, limit 240 s): peftfx off / blocks /
+#      selective / blocks+offload vs peft+bnb gradient checkpointing -> $OUT/activation_memory.md + .png.
 # Usage: bash bench/gpu_check.sh      (from anywhere; OUT optional)
 #        bash bench/gpu_check.sh optim   the separate peftfx.optim block only (issue 16, about 4 minutes):
 #   the Triton 8-bit AdamW kernel tests and the paged-optimizer CUDA tests natively (limit 150 s), then
@@ -67,5 +69,15 @@ unset PEFTFX_TRITON_AUTOTUNE  # the benchmark autotunes the Hopper configs
 timeout 170 "$PY" bench/gpu_kernels.py
 rc=$?
 echo "benchmark exit code: $rc"
+[ "$rc" -ne 0 ] && status=1
+
+echo "== activation memory: [memory] checkpointing vs peft+bnb gradient checkpointing (CUDA) =="
+# bench Llama, seq 512..2048, fp32 compute on both sides; blocks+offload joins on CUDA (pinned host
+# memory on a side stream); peaks from torch.cuda.max_memory_allocated. Targets: blocks peak <= 0.8x and
+# step <= 1.0x peft+bnb with gradient_checkpointing_enable(use_reentrant=False); blocks+offload < blocks.
+timeout 240 "$PY" -m bench.activation_memory --device cuda --seqs 512,1024,2048 --reps 3 \
+  --out "${OUT:-/tmp}/activation_memory.md" --plot "${OUT:-/tmp}/activation_memory.png"
+rc=$?
+echo "activation memory benchmark exit code: $rc"
 [ "$rc" -ne 0 ] && status=1
 exit $status

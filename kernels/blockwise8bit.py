@@ -261,7 +261,6 @@ def adamw8bit_step_(p: Tensor, g: Tensor, codes: Tensor, absmax: Tensor, h: Adam
     if ws is None:
         ws = _WORKSPACES[str(p.device)] = _Workspace(p.device)
     pf, gf = pd.view(-1), g.view(-1)
-    n = pf.numel()
     decay = 1 - h.lr * h.weight_decay
     step_size, eps_hat = h.step_size(), h.eps_hat()
     fp32_param, fp32_grad = p.dtype == torch.float32, g.dtype == torch.float32

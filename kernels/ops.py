@@ -27,6 +27,13 @@ from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
 __all__ = ["qlora_linear", "dequantize", "backend_for", "check_weight_storage"]
 
 
+def _triton_modules():
+    """``(qlora_triton, quant_triton)``, imported on first use: Triton is optional and slow to import."""
+    from peftfx.kernels import qlora_triton, quant_triton  # lazy: see the docstring
+
+    return qlora_triton, quant_triton
+
+
 def _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                dtype=torch.float32, threshold=0.0) -> QuantizedWeight | Tensor:
     if format == "none":
@@ -92,8 +99,7 @@ def _qlora_linear_op(
     w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                    x.dtype, threshold)
     if backend_for(x) == "triton":
-        from peftfx.kernels import qlora_triton  # lazy: Triton is optional and slow to import
-
+        qlora_triton = _triton_modules()[0]
         k = x.shape[-1]
         # the kernels compute in their inputs' dtype (W tiles included): cast in, cast the result back
         cd = compute_dtype or x.dtype
@@ -127,8 +133,7 @@ def _qlora_linear_backward_op(
                    x.dtype, threshold)
     needs = tuple(bool(n) for n in needs)
     if backend_for(x) == "triton":
-        from peftfx.kernels import qlora_triton  # lazy: Triton is optional and slow to import
-
+        qlora_triton = _triton_modules()[0]
         k = x.shape[-1]
         cd = compute_dtype or x.dtype
         w = w if isinstance(w, Tensor) else dataclasses.replace(w, dtype=cd)
@@ -202,8 +207,7 @@ def _dequantize_op(packed: Tensor, scales: Tensor, scales2: Optional[Tensor], of
     qw = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                     dtype)
     if backend_for(packed) == "triton":
-        from peftfx.kernels import quant_triton  # lazy: Triton is optional and slow to import
-
+        quant_triton = _triton_modules()[1]
         return quant_triton.dequantize_triton(qw, dtype)
     if backend_for(packed) == "cpu" and dtype in cpu_native.NATIVE_DTYPES and cpu_native.usable(qw):
         return cpu_native.dequantize(qw, dtype)

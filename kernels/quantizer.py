@@ -20,7 +20,7 @@ from peftfx.kernels.formats import (
     DYNAMIC_CODE, FORMATS, FP4_CODE, NF4_CODE, QuantizedWeight, check_block_size, layer_prefix, table_on,
 )
 
-__all__ = ["quantize", "quantize_4bit", "quantize_int8", "quantize_int8_zeropoint", "quantize_llm_int8",
+__all__ = ["quantize", "storage_layout", "empty_quantized", "quantize_4bit", "quantize_int8", "quantize_int8_zeropoint", "quantize_llm_int8",
            "quantize_blockwise_8bit", "CODE_BOUNDS", "DYNAMIC_LUT"]
 
 
@@ -136,6 +136,49 @@ def quantize(w: Tensor, format: str, *, block_size: int = 64, double_quant: bool
         return QuantizedWeight(format, packed, scales, None, zero, shape, block_size, 256, w.dtype, 0.0)
     packed, scales = quantize_llm_int8(w)
     return QuantizedWeight(format, packed, scales, None, None, shape, block_size, 256, w.dtype, float(threshold))
+
+
+def storage_layout(format: str, shape: tuple[int, int], *, block_size: int = 64, double_quant: bool = True,
+                   block_size2: int = 256) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{tensor name: (shape, dtype)}`` of what :func:`quantize` returns for a ``shape`` weight.
+
+    4-bit codes two per byte, one scale per block (fp32, or uint8 codes + fp32 second-level scales
+    per ``block_size2`` blocks + an fp32 scalar offset with double quantization); int8 one byte per
+    weight; llm-int8 int8 ``[out, in]`` and one fp32 scale per row. ``double_quant`` only applies
+    to nf4/fp4.
+    """
+    out_f, in_f = shape
+    n = out_f * in_f
+    blocks = -(-n // block_size)
+    if format in ("nf4", "fp4"):
+        if double_quant:
+            return {"packed": ((-(-n // 2),), torch.uint8), "scales": ((blocks,), torch.uint8),
+                    "scales2": ((-(-blocks // block_size2),), torch.float32), "offset": ((), torch.float32)}
+        return {"packed": ((-(-n // 2),), torch.uint8), "scales": ((blocks,), torch.float32)}
+    if format == "int8":
+        return {"packed": ((n,), torch.int8), "scales": ((blocks,), torch.float32)}
+    if format == "int8-zeropoint":
+        return {"packed": ((n,), torch.uint8), "scales": ((blocks,), torch.float32),
+                "offset": ((blocks,), torch.float32)}
+    if format == "llm-int8":
+        return {"packed": ((out_f, in_f), torch.int8), "scales": ((out_f,), torch.float32)}
+    raise KernelError(f"quantization format {format!r} has no quantized storage; expected one of {FORMATS[1:]}")
+
+
+def empty_quantized(format: str, shape: tuple[int, int], *, block_size: int = 64, double_quant: bool = False,
+                    block_size2: int = 256, threshold: float = 6.0, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", name: str | None = None) -> QuantizedWeight:
+    """A :class:`QuantizedWeight` with :func:`quantize`'s layout and uninitialized storage (as ``torch.empty``).
+
+    For weights that hold no data (``meta`` tensors, fake tensors of a memory estimate): there is
+    nothing to quantize, but the layer must have the real buffers' shapes, dtypes and bytes.
+    """
+    dq = bool(double_quant) and format in ("nf4", "fp4")
+    layout = storage_layout(format, shape, block_size=block_size, double_quant=dq, block_size2=block_size2)
+    tensors = {k: torch.empty(s, dtype=d, device=device) for k, (s, d) in layout.items()}
+    return QuantizedWeight.from_tensors(format, tensors, shape, block_size=block_size,
+                                        block_size2=block_size2 if dq else 256, dtype=dtype,
+                                        threshold=float(threshold) if format == "llm-int8" else 0.0, name=name)
 
 
 def _raise_nonfinite(w: Tensor, name: str | None) -> None:

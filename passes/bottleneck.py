@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 
+from torch.fx import GraphModule, Node
+
 from peftfx.errors import PlanError
 from peftfx.graph import set_submodule, stamp
 from peftfx.kernels.bottleneck_modules import Bottleneck
 from peftfx.pass_manager import PassContext, PassResult, register_pass
 from peftfx.targets import block_of
 from peftfx.trace import owner_stack
-from torch.fx import GraphModule, Node
 
 __all__ = ["bottleneck", "find_sublayer_outputs", "block_index", "ATTN_OUT", "MLP_OUT"]
 

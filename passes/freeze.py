@@ -8,11 +8,12 @@ module names (the largest ``k`` indices under the repeated-block container), and
 """
 from __future__ import annotations
 
+from torch.fx import GraphModule
+
 from peftfx.errors import PlanError
 from peftfx.pass_manager import PassContext, PassResult, register_pass
 from peftfx.plan import match
 from peftfx.targets import block_of
-from torch.fx import GraphModule
 
 __all__ = ["freeze", "is_adapter_parameter", "top_block_prefixes"]
 

@@ -22,7 +22,7 @@ from peftfx.kernels.modules import QLoRALinear
 from peftfx.pass_manager import PassContext, PassResult, register_pass
 from peftfx.targets import Target, resolve_targets
 
-__all__ = ["swap_linear", "build_module"]
+__all__ = ["swap_linear", "build_module", "quantized_weight"]
 
 
 def _dense_weight(gm: GraphModule, target: Target, materialize: Callable | None = None) -> torch.Tensor:
@@ -55,18 +55,26 @@ def _build_dense(w: torch.Tensor, bias, target: Target) -> nn.Module:
                        **_lora_kwargs(target, w.shape[1], w.shape[0]))
 
 
-def _build_quantized(w: torch.Tensor, bias, target: Target) -> nn.Module:
+def _has_data(w: torch.Tensor) -> bool:
+    """False for meta tensors and fake tensors (a memory estimate's twin): nothing to quantize."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (w.is_meta or is_fake(w))
+
+
+def quantized_weight(w: torch.Tensor, target: Target) -> quantizer.QuantizedWeight:
+    """``w`` quantized as the target's quant spec says; a weight without data gets the same layout, unfilled."""
     q = target.quant
-    qw = quantizer.quantize(
-        w,
-        q.format,
-        block_size=q.block_size,
-        double_quant=bool(getattr(q, "double_quant", False)) and q.format in ("nf4", "fp4"),
-        block_size2=getattr(q, "block_size2", 256),
-        threshold=getattr(q, "threshold", 6.0),
-        name=target.site.fqn,
-    )
-    return QLoRALinear(qw, bias, name=target.site.fqn, compute_dtype=_compute_dtype(target),
+    kwargs = {"block_size": q.block_size, "double_quant": bool(getattr(q, "double_quant", False)) and
+              q.format in ("nf4", "fp4"), "block_size2": getattr(q, "block_size2", 256),
+              "threshold": getattr(q, "threshold", 6.0), "name": target.site.fqn}
+    if _has_data(w):
+        return quantizer.quantize(w, q.format, **kwargs)
+    return quantizer.empty_quantized(q.format, tuple(w.shape), dtype=w.dtype, device=w.device, **kwargs)
+
+
+def _build_quantized(w: torch.Tensor, bias, target: Target) -> nn.Module:
+    return QLoRALinear(quantized_weight(w, target), bias, name=target.site.fqn, compute_dtype=_compute_dtype(target),
                        **_lora_kwargs(target, w.shape[1], w.shape[0]))
 
 

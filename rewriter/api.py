@@ -37,6 +37,7 @@ def compile(  # noqa: A001 - the public verb
     snapshots: bool = True,
     tokenizer: Any = None,
     weight_source: Any = None,
+    dynamic: bool = True,
 ) -> GraphModule:
     """Compile ``model`` and ``plan`` into a trainable GraphModule.
 
@@ -55,6 +56,8 @@ def compile(  # noqa: A001 - the public verb
             runs on each targeted linear's weight just before it is quantized (placeholders are
             read from disk, one layer at a time), ``weight_source.built(fqn, module)`` on each
             swapped module right after (a sharded load keeps only this rank's part of it).
+        dynamic: False captures for the example's exact shapes only (a faster capture, e.g. for
+            the memory estimate's fake twin, which runs one input size).
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
@@ -71,7 +74,7 @@ def compile(  # noqa: A001 - the public verb
     """
     plan = as_plan(plan)
     training = model.training
-    gm = capture(model, example_inputs)
+    gm = capture(model, example_inputs, dynamic=dynamic)
     ctx = PassContext(
         plan=plan,
         model=model,

@@ -39,6 +39,7 @@ from peftfx.plan_io import (
     check_int,
     check_keys,
     check_num,
+    check_size,
     dumps_json,
     dumps_toml,
     load_plan_file,
@@ -47,10 +48,12 @@ from peftfx.plan_io import (
 
 __all__ = [
     "PLAN_VERSION", "QUANT_FORMATS", "QuantSpec", "LoRASpec", "PrefixTuningSpec", "PromptTuningSpec",
-    "AdapterSpec", "Rule", "Plan", "ResolvedLayer", "match", "matches_any", "check_pattern",
+    "AdapterSpec", "MemorySpec", "CHECKPOINT_MODES", "OFFLOAD_MODES", "Rule", "Plan", "ResolvedLayer", "match", "matches_any", "check_pattern",
 ]
 
 PLAN_VERSION = 1
+CHECKPOINT_MODES = ("off", "blocks", "selective")
+OFFLOAD_MODES = ("none", "cpu")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -309,8 +312,43 @@ class AdapterSpec(_Spec):
         check_choice("adapter.nonlinearity", self.nonlinearity, ("gelu", "relu", "silu", "tanh"))
 
 
+@dataclass(frozen=True)
+class MemorySpec(_Spec):
+    """Activation memory of training: recompute blocks in backward, offload what they keep. Plan key ``memory``.
+
+    Args:
+        checkpoint: ``"off"``; ``"blocks"`` (each transformer block recomputes its forward during
+            backward; only its inputs stay alive); ``"selective"`` (per block, matmul and attention
+            outputs are saved and the cheap ops between them recomputed).
+        offload: ``"none"`` or ``"cpu"`` (checkpointed block inputs wait in pinned host memory
+            between forward and backward; on CUDA only, accepted and ignored on CPU).
+        budget: peak bytes one training step may use, as ``"24GiB"``, ``"500MB"`` or bytes; with
+            ``"selective"`` the compiler picks per block what to save so that the estimated peak
+            fits, and compile fails naming the smallest reachable peak when nothing fits.
+    """
+
+    _section: ClassVar[str] = "memory"
+    checkpoint: str = "off"
+    offload: str = "none"
+    budget: str | int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("memory.checkpoint", self.checkpoint, CHECKPOINT_MODES)
+        check_choice("memory.offload", self.offload, OFFLOAD_MODES)
+        if self.budget is not None:
+            check_size("memory.budget", self.budget)
+        if self.offload != "none" and self.checkpoint == "off":
+            raise PlanError(f"memory.offload = {self.offload!r} moves the inputs of checkpointed blocks, but "
+                            "memory.checkpoint = 'off'; set checkpoint = 'blocks' or 'selective'")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """``budget`` in bytes (None when unset)."""
+        return None if self.budget is None else check_size("memory.budget", self.budget)
+
+
 _SECTIONS: dict[str, type[_Spec]] = {"quant": QuantSpec, "lora": LoRASpec, "prefix": PrefixTuningSpec,
-                                     "prompt": PromptTuningSpec, "adapter": AdapterSpec}
+                                     "prompt": PromptTuningSpec, "adapter": AdapterSpec, "memory": MemorySpec}
 
 
 # ---------------------------------------------------------------- rules and resolution
@@ -385,6 +423,8 @@ class Plan:
         targets: default patterns for ``quant`` and ``lora`` (required when either is given
             without its own ``targets``). A single string is accepted.
         quant, lora, prefix, prompt, adapter: the section specs (or dicts of their fields).
+        memory: activation checkpointing / offload / budget (:class:`MemorySpec`); it changes how
+            a step runs, not what trains, so it does not count as "doing something".
         rules: per-layer overrides, applied in order, the last match winning.
         train_top_layers: also train the top k transformer blocks (>= 0).
         train_modules: patterns of modules trained in full precision besides the adapters
@@ -415,6 +455,7 @@ class Plan:
     prefix: PrefixTuningSpec | None = None
     prompt: PromptTuningSpec | None = None
     adapter: AdapterSpec | None = None
+    memory: MemorySpec | None = None
     rules: tuple[Rule, ...] = ()
     train_top_layers: int | None = None
     train_modules: tuple[str, ...] = ()

@@ -23,7 +23,7 @@ from peftfx.errors import PlanError
 
 __all__ = [
     "dumps_toml", "dumps_json", "load_plan_file", "did_you_mean", "check_keys", "check_int", "check_num",
-    "check_bool", "check_choice", "check_block", "plain", "FrozenDict",
+    "check_bool", "check_choice", "check_block", "check_size", "plain", "FrozenDict",
 ]
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -221,6 +221,28 @@ def check_block(where: str, value: Any) -> int:
     if v & (v - 1):
         raise PlanError(f"{where} must be a power of two in [16, 4096], got {value!r}")
     return v
+
+
+_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?|\.\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def check_size(where: str, value: Any) -> int:
+    """A memory size in bytes from a positive int or a string such as ``"24GiB"``, ``"500MB"``, ``"1.5 GB"``.
+
+    Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal ones (KB, MB, GB, TB) of 1000,
+    as on GPU spec sheets; a bare number is bytes.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").lower()])
+    else:
+        raise PlanError(f"{where} must be a size such as '24GiB', '500MB' or a number of bytes, got {value!r}")
+    if n <= 0:
+        raise PlanError(f"{where} must be positive, got {value!r}")
+    return n
 
 
 def plain(value: Any) -> Any:

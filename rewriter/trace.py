@@ -142,13 +142,14 @@ _HINTS = (
 )
 
 
-def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
+def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> GraphModule:
     """Export ``model`` on ``example_inputs`` and return the normalized GraphModule.
 
     Args:
         model: any ``nn.Module`` torch.export can capture non-strictly (Hugging Face models included).
         example_inputs: dict of kwargs, tuple of args, or one tensor; batch and sequence dims
             (dims 0 and 1 of each tensor) become dynamic.
+        dynamic: False captures for exactly these input shapes (faster: no symbolic shapes).
 
     Returns:
         A GraphModule whose parameters are the model's own Parameter objects (shared storage),
@@ -160,6 +161,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphModule:
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
     # export matches dynamic_shapes to inputs in call order: positional args, then kwargs
     dynamic_shapes: Any = dyn_kwargs if not args else tuple(dyn_args) + tuple(dyn_kwargs.values())
+    dynamic_shapes = dynamic_shapes if dynamic else None
     with _capture_mode(model):
         try:
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)

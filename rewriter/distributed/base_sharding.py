@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from peftfx.kernels.modules import QLoRALinear
 
-__all__ = ["FrozenStorage", "BASE_TENSORS", "plain", "make_base_shardable", "base_storage_names",
+__all__ = ["FrozenStorage", "BASE_TENSORS", "local_tensor", "make_base_shardable", "base_storage_names",
            "gathered_state_dict", "full_tensor", "rank_chunk", "local_slice", "is_sharded", "local_bytes"]
 
 # QLoRALinear attributes holding the frozen base (the packed weight and what decodes it).
@@ -111,7 +111,7 @@ class FrozenStorage(Tensor):
         return gathered, ()
 
 
-def plain(t: Tensor) -> Tensor:
+def local_tensor(t: Tensor) -> Tensor:
     """The plain tensor behind ``t``: a DTensor's local shard, unwrapped from :class:`FrozenStorage`."""
     from torch.distributed.tensor import DTensor
 
@@ -157,12 +157,12 @@ def full_tensor(t: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
-        local = plain(t)
+        local = local_tensor(t)
         if local is not t._local_tensor:  # gather the plain bytes, not the wrapper
             t = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
                                    stride=t.stride())
         t = t.full_tensor()
-    return plain(t.detach())
+    return local_tensor(t.detach())
 
 
 def gathered_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, Tensor]:
@@ -228,7 +228,7 @@ def local_bytes(gm: nn.Module, names: list[str] | None = None) -> int:
             if t is None or (names is not None and key not in names):
                 continue
             if isinstance(t, DTensor):  # the local shard's storage: FSDP2's padded shard
-                total += plain(t).untyped_storage().nbytes()
+                total += local_tensor(t).untyped_storage().nbytes()
             else:
                 total += t.numel() * t.element_size()
     return total

@@ -145,6 +145,8 @@ def _outline(gm: GraphModule, prefix: str, members: list[Node]) -> None:
     with graph.inserting_after(body[-1]):
         call = graph.call_module(prefix, tuple(inputs))
     call.meta["nn_module_stack"] = {prefix: (prefix, type(old))}
+    vals = [o.meta.get("val") for o in outputs]  # shapes for whoever reads the root graph next
+    call.meta["val"] = vals[0] if len(vals) == 1 else tuple(vals)
     call.meta["peftfx.pass"] = "outline_blocks"
     replacements = [call]
     if len(outputs) > 1:

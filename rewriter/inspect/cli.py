@@ -14,6 +14,7 @@ Example::
 
     $ peftfx inspect tests/data/llama/config.json --plan plan.toml --pass swap_linear
     $ peftfx estimate llama-7b/config.json --plan qlora.toml --batch 4 --seq 2048 --json
+    $ peftfx estimate llama-7b/config.json --plan qlora.toml --seq 2048 --train-device cuda --fit 24GiB
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import os
 import sys
 from typing import Sequence
 
+import peftfx
 from peftfx.errors import PeftfxError, PlanError, TraceError
 from peftfx.inspect.model_source import UsageError, model_from_spec
+from peftfx.optim import OPTIMIZER_NAMES  # torch-free: the package exports lazily
 
 __all__ = ["main", "build_parser"]
 
@@ -35,7 +38,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TRACE = 0, 1, 2, 3
 
 
 def _cmd_inspect(args) -> int:
-    import peftfx  # lazy: CLI start-up time (torch loads only for commands that need it)
     from peftfx.inspect.reporting import build_report, pass_diff, render_report, write_graph  # lazy: start-up
 
     plan = _load_plan(args.plan)
@@ -64,7 +66,7 @@ def _cmd_estimate(args) -> int:
     plan = _load_plan(args.plan) if args.plan else None
     model, inputs, name = model_from_spec(args.model, device=args.device, batch=args.batch, seq=args.seq)
     if args.world_size:  # per rank under FSDP2 (peftfx.distributed.shard): see inspect/fsdp_estimate.py
-        from peftfx.inspect.fsdp_estimate import estimate_sharded
+        from peftfx.inspect.fsdp_estimate import estimate_sharded  # lazy: CLI start-up time
 
         if plan is None:
             raise UsageError("--world-size needs --plan (the sharded estimate is of the plan's training step)")
@@ -74,7 +76,7 @@ def _cmd_estimate(args) -> int:
               else f"peftfx estimate: {name}\n{sharded.render()}")
         return EXIT_OK
     est = estimate(model, plan, example_inputs=inputs, optimizer=args.optimizer, dtype=args.dtype,
-                   train_device=args.train_device)
+                   train_device=args.train_device, fit=args.fit)
     est.model = name
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.render())
     return EXIT_OK
@@ -115,8 +117,6 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from peftfx.optim import OPTIMIZER_NAMES  # torch-free
-
     parser = argparse.ArgumentParser(prog="peftfx", description="Inspect what a peftfx plan rewrites and "
                                      "estimate the memory of training with it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes}")
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the optimizer step runs (sets its temporaries: single-tensor vs foreach AdamW)")
     p.add_argument("--world-size", type=_positive, metavar="W",
                    help="per-rank peak when FSDP2 shards the model (and its packed base) over W ranks")
+    p.add_argument("--fit", metavar="SIZE", help="also find the cheapest [memory] settings and the largest batch "
+                   "whose peak fits in SIZE (e.g. 24GiB, 48GB; needs --plan)")
     p.add_argument("--json", action="store_true", help="machine-readable estimate")
     p.set_defaults(fn=_cmd_estimate)
 

@@ -21,7 +21,7 @@ from peftfx.graph import PASS_KEY
 from peftfx.kernels.backend import backend_for
 from peftfx.plan import match
 
-__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "pass_diff", "render_report", "render_estimate",
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "pass_diff", "render_report",
            "write_dot", "write_graph"]
 
 REPORT_SCHEMA_VERSION = 1
@@ -145,43 +145,6 @@ def render_report(rep: dict) -> str:
     t = rep["trainable"]
     out.append(f"trainable parameters: {t['parameters']:,} of {t['total']:,} ({t['percent']:.4f}%)")
     return "\n".join(out)
-
-
-def render_estimate(est) -> str:
-    """Human-readable table of an :class:`peftfx.estimate.Estimate`."""
-    from peftfx.inspect.estimate import format_bytes as fb  # lazy: estimate imports this module
-
-    cols = [("before (full fine-tune)", est.before)] + ([("after (plan)", est.after)] if est.after else [])
-    width = 30
-    head = f"peftfx estimate: {est.model}, batch {est.batch} x seq {est.seq}, {est.optimizer}, " \
-           f"{est.dtype}, {est.train_device} optimizer step"
-    lines = [head, f"{'':<{width}}" + "".join(f"{c:>26}" for c, _ in cols)]
-
-    def row(label: str, values: list[str]) -> None:
-        lines.append(f"{label:<{width}}" + "".join(f"{v:>26}" for v in values))
-
-    kinds = list(dict.fromkeys(k for _, b in cols for k in b.weights))
-    row("weights", [fb(b.weight_bytes) for _, b in cols])
-    for k in kinds:
-        row(f"  {k}", [fb(b.weights[k]) if k in b.weights else "-" for _, b in cols])
-    row("gradients", [fb(b.gradients) for _, b in cols])
-    row("optimizer state", [fb(b.optimizer_state) for _, b in cols])
-    row("activations (saved)", [fb(b.activations) for _, b in cols])
-    row("total (sum of the above)", [fb(b.total) for _, b in cols])
-    row("forward+backward peak", [fb(b.forward_backward_peak) for _, b in cols])
-    row("optimizer step temporaries", [fb(b.optimizer_transient) for _, b in cols])
-    row("peak of one step", [fb(b.peak) for _, b in cols])
-    row("trainable parameters", [f"{b.trainable_params:,}" for _, b in cols])
-    lines.append("largest single tensor:")
-    for c, b in cols:
-        lines.append(f"  {c}: {b.largest_tensor} ({fb(b.largest_tensor_bytes)})")
-    for fmt, bits in est.bits_per_param().items():
-        n = sum(r["shape"][0] * r["shape"][1] for r in est.layers if r["format"] == fmt)
-        layers = sum(r["format"] == fmt for r in est.layers)
-        lines.append(f"targeted layers in {fmt}: {layers} layers, {n:,} weights, {bits:.3f} bits/param")
-    lines += [f"note: {n}" for n in est.notes]
-    lines.append(f"(estimated in {est.seconds:.1f} s on fake tensors; nothing was allocated)")
-    return "\n".join(lines)
 
 
 def _dot_quote(s: str) -> str:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from peftfx import __version__
 from peftfx.api import trainable_parameters
-from peftfx.distributed.base_sharding import full_tensor, gathered_state_dict, local_slice, plain
+from peftfx.distributed.base_sharding import full_tensor, gathered_state_dict, local_slice, local_tensor
 from peftfx.errors import CheckpointError
 from peftfx.kernels.modules import qlora_layers
 
@@ -286,7 +286,7 @@ def _local_parts(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor],
                                       f"on a {t.device_mesh.size()}-rank mesh: a saved tensor is cut into this rank's "
                                       f"part along dim 0 only (Shard(0), as peftfx.distributed.shard and FSDP2's "
                                       f"default do); shard the model that way, or load before sharding")
-            t, src = plain(t), local_slice(src, t)
+            t, src = local_tensor(t), local_slice(src, t)
             if t.shape != src.shape:
                 raise CheckpointError(f"{path}: {k}: this rank's shard is {list(t.shape)} but the file's chunk "
                                       f"for it is {list(src.shape)}; shard the model as peftfx.distributed.shard does")

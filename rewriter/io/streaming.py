@@ -41,7 +41,7 @@ from torch.fx import GraphModule
 
 from peftfx.api import compile as compile_model
 from peftfx.distributed import shard as shard_model
-from peftfx.distributed.base_sharding import base_storage_names, plain, rank_chunk
+from peftfx.distributed.base_sharding import base_storage_names, local_tensor, rank_chunk
 from peftfx.errors import CheckpointError, PeftfxError
 from peftfx.io.checkpoint import ST_DTYPES, safetensors_header, tensor_sha256
 
@@ -276,7 +276,7 @@ class _WeightSource:
             module = gm.get_submodule(fqn)
             shard = module._parameters[name]
             real = nn.Parameter(torch.empty_like(shard, device=part.device), requires_grad=False)
-            local = plain(real)
+            local = local_tensor(real)
             if local.shape != part.shape:
                 raise AssertionError(f"{fqn}.{name}: shard {list(local.shape)} vs chunk {list(part.shape)}")
             local.copy_(part)

@@ -227,7 +227,7 @@ def _update(p: Tensor, g: Tensor, state: dict[str, Tensor], *, h: AdamWHyper) ->
     g = g.contiguous()
     if "codes" in state:
         if p.is_cuda:
-            from peftfx.kernels.adam8bit_triton import adamw8bit_step_triton
+            from peftfx.kernels.adam8bit_triton import adamw8bit_step_triton  # lazy: Triton is optional
 
             adamw8bit_step_triton(work, g, state["codes"], state["absmax"], h)
         elif p.device.type == "cpu":

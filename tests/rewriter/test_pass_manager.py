@@ -18,7 +18,7 @@ def _spec(name, after=(), before=()):
 
 def test_builtin_order_follows_the_declared_constraints():
     names = [s.name for s in registered_passes()]
-    assert names[0] == "swap_linear" and names[-1] == "freeze"
+    assert names[0] == "swap_linear" and names.index("freeze") < names.index("activation_checkpoint")
     for spec in registered_passes():
         for other in spec.after:
             assert other in names, f"{spec.name} is ordered after unknown pass {other!r}"
