@@ -215,7 +215,7 @@ def int8_matmul_tile(xq_ptr, stride_xm, stride_xk, xs_ptr, offs_m, M, offs_n, N,
                      mask=m_mask[:, None] & k_mask[None, :], other=0)
         wq = tl.load(packed_ptr + offs_n[None, :] * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :],
                      other=0)
-        acc_i = tl.dot(xq, wq, acc_i)
+        acc_i = tl.dot(xq, wq, acc_i, out_dtype=tl.int32)  # Triton 3.6 needs out_dtype for int8
     xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
     w_absmax = tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0)
     ws = tl.math.div_rn(w_absmax, tl.full(w_absmax.shape, 127.0, tl.float32))
