@@ -5,7 +5,8 @@
 
 Writes one object per compiled case (keys: kernel, target, dtype, format, double_quant, M, N, K, r,
 direction, config, shared_bytes, spill_bytes, registers, mma, fits, plus the model estimate and static
-per-element numbers) and, with ``--results``, a section of bench/RESULTS.md. Exit code 1 when a case
+per-element numbers) and, with ``--results``, the section ``aot_check_<subset>_triton<version>`` of
+bench/RESULTS.md. Exit code 1 when a case
 breaks a rule: shared memory over the target's limit, spills on a bf16/fp16 path, or no tensor-core MMA.
 
 Subsets (cases x configs surviving pruning; compiles are cached under ``$PEFTFX_AOT_CACHE``):
@@ -102,6 +103,20 @@ def _table(records: list[dict], elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _records_table(records: list[dict]) -> str:
+    """One row per compiled case: the registers and shared memory of every candidate config."""
+    lines = ["| kernel | target | dtype | format | M | N | K | r | config | shared B | regs | spill B | mma "
+             "| instr/elem | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        c = r["config"]
+        lines.append(f"| {r['kernel']} | {r['target']} | {r['dtype']} | {r['format']}{'+dq' if r['double_quant'] else ''} "
+                     f"| {r['M']} | {r['N']} | {r['K']} | {r['r']} | {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} "
+                     f"w{c['num_warps']} s{c['num_stages']} sub{c['SUB']} split{c['SPLIT_K']} | {r['shared_bytes']} "
+                     f"| {r['registers']} | {r['spill_bytes']} | {r['mma']} | {r['loop_instructions_per_w_element']} "
+                     f"| {r['compile_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _run_in_venv(venv: str, argv: list[str]) -> int:
     """Rerun this module under ``venv``'s python with peftfx importable from this tree."""
     shim = Path(tempfile.mkdtemp()) / "shim"
@@ -118,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True, help="write the case records here")
     ap.add_argument("--subset", default="default", choices=("default", "wide", "full"))
-    ap.add_argument("--results", help="append the summary table to this markdown file (e.g. bench/RESULTS.md)")
+    ap.add_argument("--results", help="write the summary as a section of this markdown file (bench/RESULTS.md)")
+    ap.add_argument("--dtypes", help="comma-separated dtypes to keep (e.g. bf16): run a subset in parts")
     ap.add_argument("--triton-venv", help="run under this venv's python (another Triton version)")
     ap.add_argument("--no-cache", action="store_true", help="recompile even when cached")
     args = ap.parse_args(argv)
@@ -131,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from peftfx.kernels.aot_cases import compile_case
 
     todo = subset(args.subset)
+    if args.dtypes:
+        todo = [c for c in todo if c.dtype in args.dtypes.split(",")]
     t0 = time.perf_counter()
     records = []
     for i, case in enumerate(todo):
@@ -145,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(records, elapsed)
     print(table)
     if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+        import triton
+
+        from bench.common import write_section
+
+        if args.subset == "default":
+            table += "\nEvery candidate config of the default subset:\n\n" + _records_table(records)
+        key = f"aot_check_{args.subset}{'_' + args.dtypes.replace(',', '_') if args.dtypes else ''}"
+        write_section(f"{key}_triton{triton.__version__}", table, Path(args.results))
     print(f"{len(records)} cases, {n_bad} violate a rule, {elapsed:.0f} s", flush=True)
     return 1 if n_bad else 0
 

@@ -6,17 +6,22 @@ Math (``s`` = scaling, ``xl`` = ``x_lora`` if given else ``x``; W is ``[N, K]`` 
     backward  dx = dy·deq(W)  (+ s·(dy·B)·A when x_lora is None)
               dx_lora = s·(dy·B)·A ;  dA = s·(dy·B)ᵀ·xl ;  dB = s·dyᵀ·(xl·Aᵀ)
 
-Kernels:
+Kernels (chosen by M at launch):
 
-- ``_qlora_forward_kernel`` tiles y over (M, N). Inside the K loop it gathers the W tile
-  ``[BLOCK_K, BLOCK_N]`` straight from the packed storage (codes, block scales, double-quant scales:
-  ``quant_triton.dequant_values``), dequantizes it in registers, casts it to x's dtype and feeds
-  ``tl.dot`` with an fp32 accumulator. deq(W) is never written to global memory. The epilogue adds
-  the bias and the rank-r term ``s·xa·Bᵀ`` (xa = xl·Aᵀ ``[M, r]``, one skinny torch matmul before
-  launch; r is padded to a power of two >= 16 for ``tl.dot``).
-- ``_qlora_dx_kernel`` tiles dx over (M, K) and loops over N, reading W tiles ``[BLOCK_N, BLOCK_K]``
-  in storage order (W "transposed-wise" relative to the forward) and, when x_lora is None, adds
-  ``s·(dy·B)·A`` in the epilogue.
+- M <= 16: ``gemv_triton._qlora_gemv_kernel`` (W streamed once, split over K, epilogue fused).
+- ``_qlora_forward_kernel`` tiles y over (M, N). Its K loop (``decode_triton.dequant_matmul_tile``)
+  loads the packed W tile ``[BLOCK_N, BLOCK_K/2]`` as wide row vectors, decodes it in registers
+  (shift/mask, select tree over the NF4/FP4 constants, one scale load per quantization block), casts
+  it to x's dtype and feeds ``tl.dot`` with an fp32 accumulator (fp32 x: tf32x3). deq(W) is never
+  written to global memory. The epilogue (``decode_triton.lora_epilogue``) adds the bias and the
+  rank-r term ``s·xa·Bᵀ`` (xa = xl·Aᵀ ``[M, r]``, one skinny torch matmul before launch; r is padded
+  to a power of two >= 16 for ``tl.dot``).
+- ``_qlora_dx_kernel`` tiles dx over (M, K) and loops over N, decoding W tiles ``[BLOCK_N, BLOCK_K]``
+  in storage order and, when x_lora is None, adds ``s·(dy·B)·A`` in the epilogue.
+
+Autotuning: at most 3 configs per key survive ``triton_configs``' resource-model pruning (the
+fallback config always among them), so every launch on sm80+ has a config that fits and the first
+step compiles <= 3 configs per kernel and key. FP fusion is set explicitly (``FP_FUSION``).
 - dA, dB, dx_lora are torch matmuls on the small ``[M, r]`` intermediates: each is one pass over
   dy or x with a rank-r side, which cuBLAS already runs at bandwidth, while a fused version would
   need a cross-program reduction over M (atomics or a second pass) for no saved traffic.
