@@ -95,3 +95,24 @@ def test_hottest_loop_parses_cuobjdump_sass():
         /*0040*/                   EXIT ;
     """
     assert hottest_loop(sass) == (3, 1)
+
+
+def test_early_prune_reads_the_launch_arguments(monkeypatch):
+    """The hook the autotuner calls sees the launch's tensors and constexprs: fp32 activations get
+    fewer (smaller) candidates than bf16, and PEFTFX_TRITON_AUTOTUNE=0 keeps one."""
+    import torch
+
+    monkeypatch.delenv("PEFTFX_TRITON_AUTOTUNE", raising=False)
+    prune = triton_configs.early_prune("forward", "x_ptr")
+    full = triton_configs.gpu_configs("forward")
+
+    def run(dtype):
+        return prune(full, {"x_ptr": torch.empty(1, dtype=dtype), "M": 4096, "N": 4096, "K": 4096},
+                     FORMAT=1, DOUBLE_QUANT=True, QBLOCK=64)
+
+    bf16, fp32 = run(torch.bfloat16), run(torch.float32)
+    assert 2 <= len(bf16) <= triton_configs.MAX_CANDIDATES and 1 <= len(fp32) <= len(bf16)
+    area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    assert max(map(area, fp32)) <= max(map(area, bf16))
+    monkeypatch.setenv("PEFTFX_TRITON_AUTOTUNE", "0")
+    assert run(torch.bfloat16) == bf16[:1]
