@@ -44,11 +44,13 @@ _SM80 = (166912, 108)   # the smallest sm80+ part we target (A100): limits used 
 _TILE_SHAPES = [
     (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3),
-    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 128, 64, 4, 3),
+    # (16, 128, 64, 4, 4) was here: the dx kernel spilled 8 B with it on sm_80 (AOT sweep)
+    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 3),
     (64, 64, 32, 4, 2),
 ]
 _GEMV_SHAPES = [  # BLOCK_M is fixed at 16 (the smallest tensor-core M)
-    (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3),
+    # (16, 32, 256, 4, 3) was first here: it spilled 8 B for fp4 at M = 16 on sm_90 (AOT sweep)
+    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3),
     (16, 32, 128, 4, 2),
 ]
 _INTERPRET = {"forward": (16, 32, 32, 4, 1), "dx": (16, 32, 32, 4, 1), "gemv": (16, 32, 32, 4, 1)}
@@ -91,6 +93,10 @@ def estimate_shared(kind: str, cfg: triton.Config, esize: int, fmt_id: int, doub
     w_elems = bn * bk
     op_esize = 1 if fmt_id == 4 else esize
     raw_w = int(w_elems * _weight_bytes(fmt_id, esize))
+    if fmt_id == 4 and kind == "dx":
+        # dx dequantizes llm-int8 elementwise (decode_triton.dequant_values): the fp32 row absmax is a
+        # per-element load, pipelined like the int8 bytes, and the operand is the activation dtype
+        raw_w, op_esize = w_elems * 5, esize
     n_scales = w_elems // min(qblock, bk) if fmt_id in (1, 2, 3) else 0
     scales = n_scales * (8 if double_quant or fmt_id == 3 else 4)
     # every stage buffered (sm_90's wgmma pipeline keeps all of them; sm_80 one less), plus the decoded
@@ -105,13 +111,16 @@ def estimate_shared(kind: str, cfg: triton.Config, esize: int, fmt_id: int, doub
 def estimate_registers(kind: str, cfg: triton.Config, esize: int, fmt_id: int) -> int:
     """Registers per thread of ``cfg``, an upper estimate (configs above 255 would spill and are pruned):
     the fp32 accumulator, the decoded fp32 W tile and its cast copy, the A operand fragments; fp32
-    (tf32x3) keeps a high and a low tf32 part of both operands."""
+    (tf32x3) keeps the value and its high and low tf32 parts of W (x3) and two parts of A (x2):
+    calibrated on the AOT sweep, where smaller factors let fp32 configs spill 16-32 B."""
     kw = cfg.kwargs
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     threads = 32 * cfg.num_warps
     split = 2 if esize == 4 else 1
+    w_split = 3 if esize == 4 else 1
     acc = bm * (bk if kind == "dx" else bn)
-    w_tile = bn * bk * (1 if fmt_id in (0, 4) else 2) * split
+    plain = fmt_id == 0 or (fmt_id == 4 and kind != "dx")  # operand loaded as is, no decode
+    w_tile = bn * bk * (1 if plain else 2) * w_split
     a_frag = bm * (bn if kind == "dx" else bk) * esize // 4 * split
     return (acc + w_tile + a_frag) // threads + 64
 
