@@ -120,9 +120,12 @@ def estimate_registers(kind: str, cfg: triton.Config, esize: int, fmt_id: int) -
     w_split = 3 if esize == 4 else 1
     acc = bm * (bk if kind == "dx" else bn)
     plain = fmt_id == 0 or (fmt_id == 4 and kind != "dx")  # operand loaded as is, no decode
-    w_tile = bn * bk * (1 if plain else 2) * w_split
+    # decoded tile, its cast copy; dx (W as the B operand in storage order) also holds the two nibble
+    # halves live across the join: 8 B spills on sm_90 at 32x64x128 until counted
+    w_tile = bn * bk * (1 if plain else (3 if kind == "dx" else 2)) * w_split
     a_frag = bm * (bn if kind == "dx" else bk) * esize // 4 * split
-    return (acc + w_tile + a_frag) // threads + 64
+    gather = bn * bk if (fmt_id == 4 and kind == "dx") else 0  # per-element scale index + value
+    return (acc + w_tile + a_frag + gather) // threads + 64
 
 
 def device_limits() -> tuple[int, int]:
