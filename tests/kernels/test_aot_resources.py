@@ -4,8 +4,8 @@ with no GPU: every launch the host code can make, compiled ahead of time (kernel
 Each case must fit the target's shared memory, use no local memory (spills) on bf16/fp16 paths and run
 the base product on tensor cores (mma / wgmma). The compile runs in a subprocess with TRITON_INTERPRET=0
 (this test process interprets Triton); compiles are cached on disk ($PEFTFX_AOT_CACHE), so a second run
-costs seconds. The default run compiles the representative subset (about 20 configs, ~60 s cold on two
-cores); the issue's whole sweep is ``wide`` / ``full`` (``-m slow`` with PEFTFX_AOT_SWEEP=wide|full).
+costs seconds. The default run compiles the representative subset (18 configs, 36 s cold at load 5 on two
+cores, ~2 min at load 12); the issue's whole sweep is ``wide`` / ``full`` (``-m slow`` with PEFTFX_AOT_SWEEP=wide|full).
 """
 from __future__ import annotations
 
