@@ -7,7 +7,7 @@ PLAN    ?= plans/minilm_nf4_lora.toml
 TORCH_PIN  ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench aot-check setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.cpu_kernels && $(PY) -m bench.cpu_train
+
+# compile every fused Triton kernel launch for sm_80/sm_90 without a GPU (cached; ~40 CPU-min cold)
+aot-check: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m bench.aot_check --subset wide --json bench/out/aot_wide.json --results bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -6,17 +6,22 @@ Math (``s`` = scaling, ``xl`` = ``x_lora`` if given else ``x``; W is ``[N, K]`` 
     backward  dx = dy·deq(W)  (+ s·(dy·B)·A when x_lora is None)
               dx_lora = s·(dy·B)·A ;  dA = s·(dy·B)ᵀ·xl ;  dB = s·dyᵀ·(xl·Aᵀ)
 
-Kernels:
+Kernels (chosen by M at launch):
 
-- ``_qlora_forward_kernel`` tiles y over (M, N). Inside the K loop it gathers the W tile
-  ``[BLOCK_K, BLOCK_N]`` straight from the packed storage (codes, block scales, double-quant scales:
-  ``quant_triton.dequant_values``), dequantizes it in registers, casts it to x's dtype and feeds
-  ``tl.dot`` with an fp32 accumulator. deq(W) is never written to global memory. The epilogue adds
-  the bias and the rank-r term ``s·xa·Bᵀ`` (xa = xl·Aᵀ ``[M, r]``, one skinny torch matmul before
-  launch; r is padded to a power of two >= 16 for ``tl.dot``).
-- ``_qlora_dx_kernel`` tiles dx over (M, K) and loops over N, reading W tiles ``[BLOCK_N, BLOCK_K]``
-  in storage order (W "transposed-wise" relative to the forward) and, when x_lora is None, adds
-  ``s·(dy·B)·A`` in the epilogue.
+- M <= 16: ``gemv_triton._qlora_gemv_kernel`` (W streamed once, split over K, epilogue fused).
+- ``_qlora_forward_kernel`` tiles y over (M, N). Its K loop (``decode_triton.dequant_matmul_tile``)
+  loads the packed W tile ``[BLOCK_N, BLOCK_K/2]`` as wide row vectors, decodes it in registers
+  (shift/mask, select tree over the NF4/FP4 constants, one scale load per quantization block), casts
+  it to x's dtype and feeds ``tl.dot`` with an fp32 accumulator (fp32 x: tf32x3). deq(W) is never
+  written to global memory. The epilogue (``decode_triton.lora_epilogue``) adds the bias and the
+  rank-r term ``s·xa·Bᵀ`` (xa = xl·Aᵀ ``[M, r]``, one skinny torch matmul before launch; r is padded
+  to a power of two >= 16 for ``tl.dot``).
+- ``_qlora_dx_kernel`` tiles dx over (M, K) and loops over N, decoding W tiles ``[BLOCK_N, BLOCK_K]``
+  in storage order and, when x_lora is None, adds ``s·(dy·B)·A`` in the epilogue.
+
+Autotuning: at most 3 configs per key survive ``triton_configs``' resource-model pruning (the
+fallback config always among them), so every launch on sm80+ has a config that fits and the first
+step compiles <= 3 configs per kernel and key. FP fusion is set explicitly (``FP_FUSION``).
 - dA, dB, dx_lora are torch matmuls on the small ``[M, r]`` intermediates: each is one pass over
   dy or x with a rank-r side, which cuBLAS already runs at bandwidth, while a fused version would
   need a cross-program reduction over M (atomics or a second pass) for no saved traffic.
@@ -29,7 +34,6 @@ the host (see ``_llm_int8_split``) with torch ops on the few outlier columns.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -38,37 +42,21 @@ import triton.language as tl
 
 from peftfx.errors import KernelError
 from peftfx.kernels.formats import QuantizedWeight
-from peftfx.kernels.quant_triton import check_quantized, dequant_values, format_id, interpreting, kernel_tensors
+from peftfx.kernels.decode_triton import (codebook_id, dequant_matmul_tile, int8_matmul_tile, load_weight_tile,
+                                          lora_epilogue, scale_sub)
+from peftfx.kernels.gemv_triton import launch_gemv, use_gemv
+from peftfx.kernels.quant_triton import check_quantized, format_id, interpreting, kernel_tensors
+from peftfx.kernels.triton_configs import FP_FUSION, configs_for, early_prune
 
 __all__ = ["qlora_forward_triton", "qlora_backward_triton"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _configs() -> list[triton.Config]:
-    """Hopper-sized tiles; a single small one under the interpreter (autotuning there is numpy-slow).
-
-    ``PEFTFX_TRITON_AUTOTUNE=0`` keeps one mid-sized config on a GPU: property tests hit dozens of
-    constexpr specializations, and compiling ten configs for each would take minutes.
-    """
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
-                              num_stages=1)]
-    if os.environ.get("PEFTFX_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                              num_stages=3)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 64, 128, 4, 4),
-        # small M (decode / GEMV-like): narrow N tiles so N/BLOCK_N programs fill 132 SMs
-        (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
-                          num_stages=s) for bm, bn, bk, w, s in shapes]
-
-
 # M varies with every batch/sequence length in training: tune per power-of-two bucket, not per M.
-_KEY = ["M_KEY", "N", "K", "FORMAT", "IEEE"]
+_KEY = ["M_KEY", "N", "K", "FORMAT", "DOUBLE_QUANT", "QBLOCK", "BLOCK_R", "PRECISION"]
+# SUB (see decode_triton.scale_sub) depends on the config's BLOCK_K: computed per launch
+_SUB = {"SUB": lambda a: scale_sub(a["QBLOCK"], a["BLOCK_K"], a["K"])}
 
 
 @triton.jit
@@ -81,94 +69,66 @@ def _grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
     return first_m + (pid % (GROUP_M * num_other)) % size_m, (pid % (GROUP_M * num_other)) // size_m
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=configs_for("forward"), key=_KEY,
+                 prune_configs_by={"early_config_prune": early_prune("forward", "x_ptr")})
+@triton.heuristics(_SUB)
 @triton.jit
 def _qlora_forward_kernel(
     # pointers
-    x_ptr, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code_ptr, code2_ptr,
+    x_ptr, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr,
     bias_ptr, xa_ptr, lora_b_ptr, xs_ptr, extra_ptr, y_ptr,
     # dims
     M, N, K, R, M_KEY, scaling,
     # strides
     stride_xm, stride_xk, stride_xam, stride_bn, stride_ym,
     # constexprs
-    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr,
+    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr, QBLOCK: tl.constexpr,
+    QBLOCK2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[BLOCK_M, BLOCK_N] = x·deq(W)ᵀ + b + s·xa·Bᵀ, W tiles dequantized in registers."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     if FORMAT == 4:
-        # LLM.int8: x arrives quantized per token (int8, row scale xs); int8 x int8 -> int32 on tensor cores
-        acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            xq = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0)
-            wq = tl.load(packed_ptr + offs_n[None, :] * K + offs_k[:, None],
-                         mask=k_mask[:, None] & n_mask[None, :], other=0)
-            acc_i = tl.dot(xq, wq, acc_i)
-        xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
-        w_absmax = tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0)
-        ws = tl.math.div_rn(w_absmax, tl.full(w_absmax.shape, 127.0, tl.float32))
-        acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
+        acc = int8_matmul_tile(x_ptr, stride_xm, stride_xk, xs_ptr, offs_m, M, offs_n, N, K, 0, K,
+                               packed_ptr, scales_ptr, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w_idx = offs_n[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N]: Wᵀ tile
-            w = dequant_values(w_idx, k_mask[:, None] & n_mask[None, :], packed_ptr, scales_ptr, scales2_ptr,
-                               offset_ptr, code_ptr, code2_ptr, K, FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2)
-            if IEEE:
-                acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w.to(x.dtype), acc)
-
-    if HAS_EXTRA:  # LLM.int8 outlier columns, multiplied in fp32 by the host
-        acc += tl.load(extra_ptr + offs_m[:, None] * N + offs_n[None, :],
-                       mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :],
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        bt = tl.load(lora_b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None],
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        acc += scaling * tl.dot(xa, bt, input_precision="ieee")
+        acc = dequant_matmul_tile(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptr, stride_xm, stride_xk,
+                                  offs_m, M, offs_n, N, K, 0, K, packed_ptr, scales_ptr, scales2_ptr, offset_ptr,
+                                  code2_ptr, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, PRECISION,
+                                  BLOCK_N, BLOCK_K)
+    acc = lora_epilogue(acc, offs_m, m_mask, offs_n, n_mask, N, R, scaling, bias_ptr, xa_ptr, stride_xam,
+                        lora_b_ptr, stride_bn, extra_ptr, HAS_BIAS, HAS_LORA, HAS_EXTRA, BLOCK_R,
+                        PRECISION)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=configs_for("dx"), key=_KEY,
+                 prune_configs_by={"early_config_prune": early_prune("dx", "dy_ptr")})
+@triton.heuristics(_SUB)
 @triton.jit
 def _qlora_dx_kernel(
     # pointers
-    dy_ptr, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code_ptr, code2_ptr,
+    dy_ptr, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr,
     dyb_ptr, lora_a_ptr, dx_ptr,
     # dims
     M, N, K, R, M_KEY, scaling,
     # strides
     stride_dym, stride_dyn, stride_dybm, stride_ar, stride_dxm,
     # constexprs
-    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr, QBLOCK: tl.constexpr,
+    QBLOCK2: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dx[BLOCK_M, BLOCK_K] = dy·deq(W) (+ s·(dy·B)·A); the reduction runs over N in BLOCK_N steps."""
+    """dx[BLOCK_M, BLOCK_K] = dy·deq(W) (+ s·(dy·B)·A); the reduction runs over N in BLOCK_N steps,
+    each W tile ``[BLOCK_N, BLOCK_K]`` decoded in storage order."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
@@ -176,25 +136,20 @@ def _qlora_dx_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        w_idx = offs_n[:, None] * K + offs_k[None, :]  # [BLOCK_N, BLOCK_K]: W tile in storage order
-        w = dequant_values(w_idx, n_mask[:, None] & k_mask[None, :], packed_ptr, scales_ptr, scales2_ptr,
-                           offset_ptr, code_ptr, code2_ptr, K, FORMAT, DOUBLE_QUANT, QBLOCK, QBLOCK2)
-        if IEEE:
-            acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(dy, w.to(dy.dtype), acc)
-
+                     mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+        w = load_weight_tile(offs_n, pid_k * BLOCK_K, N, K, packed_ptr, scales_ptr, scales2_ptr, offset_ptr,
+                             code2_ptr, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, BLOCK_N, BLOCK_K)
+        acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=PRECISION)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
+        # operands in their dtype: half products are exact in fp32 (see decode_triton.lora_epilogue)
         dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_dybm + offs_r[None, :],
-                      mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         a = tl.load(lora_a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += scaling * tl.dot(dyb, a, input_precision="ieee")
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += scaling * tl.dot(dyb, a.to(dyb.dtype), input_precision=PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_mask[:, None] & k_mask[None, :])
 
@@ -218,12 +173,12 @@ def _weight_meta(qw: QuantizedWeight | torch.Tensor, x: torch.Tensor) -> tuple[i
         if qw.dim() != 2 or qw.dtype not in _FLOAT_DTYPES:
             raise KernelError(f"dense weight must be a 2-D float tensor, got {qw.dtype} {list(qw.shape)}")
         n, k = qw.shape
-        meta = dict(FORMAT=0, DOUBLE_QUANT=False, QBLOCK=16, QBLOCK2=16)
+        meta = dict(FORMAT=0, DOUBLE_QUANT=False, CODEBOOK=0, QBLOCK=16, QBLOCK2=16)
         dev = qw.device
     elif isinstance(qw, QuantizedWeight):
         check_quantized(qw)
         n, k = qw.shape
-        meta = dict(FORMAT=format_id(qw.format), DOUBLE_QUANT=qw.double_quant,
+        meta = dict(FORMAT=format_id(qw.format), DOUBLE_QUANT=qw.double_quant, CODEBOOK=codebook_id(qw.format),
                     QBLOCK=qw.block_size if qw.format != "llm-int8" else 16,
                     QBLOCK2=qw.block_size2 if qw.double_quant else 16)
         dev = qw.packed.device
@@ -256,6 +211,12 @@ def _check_lora(lora_A, lora_B, n: int, k: int) -> int:
         raise KernelError(f"LoRA shapes A {list(lora_A.shape)}, B {list(lora_B.shape)} do not fit a "
                           f"[{n}, {k}] weight (want A [r, {k}], B [{n}, r])")
     return r
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 operands run as tf32x3 (three tf32 tensor-core products, about fp32
+    accuracy, never an FMA loop); fp16/bf16 ignore it."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _block_r(r: int) -> int:
@@ -307,27 +268,32 @@ def qlora_forward_triton(x2d: torch.Tensor, qw: QuantizedWeight | torch.Tensor, 
     dense = qw if isinstance(qw, torch.Tensor) else None
     (x2d, x_lora2d, bias, lora_A, lora_B, dense), upcast = _fp32_in_interpreter(
         x2d, x_lora2d, bias, lora_A, lora_B, dense)
-    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     if m == 0:
-        return y.to(out_dtype)
+        return torch.empty(m, n, dtype=out_dtype, device=x2d.device)
     if dense is not None:
         qw = dense.contiguous()
     xa = _mm(x_lora2d if x_lora2d is not None else x2d, lora_A.t()).contiguous() if r else None
-    x_in, xs, extra = x2d, y, None
+    x_in, xs, extra = x2d, None, None
     if meta["FORMAT"] == 4:
         x_in, xs, extra = _llm_int8_split(x2d, qw)
-    packed, scales, scales2, offset, code, code2 = kernel_tensors(qw)
+    bias_c = bias.contiguous() if bias is not None else None
+    lora_b = lora_B.contiguous() if r else None
+    if use_gemv(m):
+        y = launch_gemv(x_in, kernel_tensors(qw), bias_c, xa, lora_b, xs, extra, x2d.dtype, n, k, r, scaling,
+                        _m_key(m), _block_r(r), _precision(x2d.dtype), meta)
+        return y.to(out_dtype) if upcast else y
+    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    packed, scales, scales2, offset, code2 = kernel_tensors(qw)
     dummy = y
-    bias_c = bias.contiguous() if bias is not None else dummy
-    lora_b = lora_B.contiguous() if r else dummy
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
     _qlora_forward_kernel[grid](
-        x_in, packed, scales, scales2, offset, code, code2, bias_c, xa if r else dummy, lora_b, xs,
+        x_in, packed, scales, scales2, offset, code2, bias_c if bias_c is not None else dummy,
+        xa if r else dummy, lora_b if r else dummy, xs if xs is not None else dummy,
         extra if extra is not None else dummy, y,
         m, n, k, r, _m_key(m), float(scaling),
         x_in.stride(0), x_in.stride(1), xa.stride(0) if r else 0, lora_b.stride(0) if r else 0, y.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=r > 0, HAS_EXTRA=extra is not None, BLOCK_R=_block_r(r),
-        IEEE=x2d.dtype == torch.float32, **meta)
+        PRECISION=_precision(x2d.dtype), enable_fp_fusion=FP_FUSION, **meta)
     return y.to(out_dtype) if upcast else y
 
 
@@ -361,15 +327,16 @@ def qlora_backward_triton(dy2d: torch.Tensor, x2d: torch.Tensor, qw: QuantizedWe
     if need_dx:
         dx = torch.empty(m, k, dtype=x2d.dtype, device=x2d.device)
         if m:
-            packed, scales, scales2, offset, code, code2 = kernel_tensors(qw)
+            packed, scales, scales2, offset, code2 = kernel_tensors(qw)
             lora_a = lora_A.contiguous() if fold_lora else dx
             grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_K"]),)  # noqa: E731
             _qlora_dx_kernel[grid](
-                dy2d, packed, scales, scales2, offset, code, code2, dyb if fold_lora else dx, lora_a, dx,
+                dy2d, packed, scales, scales2, offset, code2, dyb if fold_lora else dx, lora_a, dx,
                 m, n, k, r, _m_key(m), float(scaling),
                 dy2d.stride(0), dy2d.stride(1), dyb.stride(0) if fold_lora else 0,
                 lora_a.stride(0) if fold_lora else 0, dx.stride(0),
-                HAS_LORA=fold_lora, BLOCK_R=_block_r(r), IEEE=dy2d.dtype == torch.float32, **meta)
+                HAS_LORA=fold_lora, BLOCK_R=_block_r(r), PRECISION=_precision(dy2d.dtype),
+                enable_fp_fusion=FP_FUSION, **meta)
     dx = dx.to(dtypes[0]) if dx is not None else None
     if not r:
         return dx, None, None, None

@@ -28,8 +28,8 @@ int8-zeropoint uint8 ``[numel]`` with the zero point in ``offset``; llm-int8 int
 All arithmetic is fp32 and IEEE-exact (``div_rn``, no FMA contraction: launched with
 ``enable_fp_fusion=False``), so codes and scales equal ``reference.quantize`` bit for bit.
 
-The dequantization of one element is the ``@triton.jit`` helper :func:`dequant_values`, shared
-with the fused matmuls in ``qlora_triton.py`` so both read the storage the same way.
+The dequantization of one element is the ``@triton.jit`` helper :func:`decode_triton.dequant_values`,
+shared with the fused matmuls in ``qlora_triton.py`` so both read the storage the same way.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ import triton.language as tl
 from peftfx.errors import KernelError
 from peftfx.kernels import formats
 from peftfx.kernels import quantizer
+from peftfx.kernels.decode_triton import codebook_id, dequant_values
 from peftfx.kernels.formats import QuantizedWeight
 
 __all__ = ["quantize_triton", "dequantize_triton", "dequant_values", "format_id", "kernel_tensors",
@@ -87,41 +88,6 @@ def _bucketize(x, bounds_ptr, order_ptr, N_BOUNDS: tl.constexpr):
     for i in tl.static_range(N_BOUNDS):
         q += (x > tl.load(bounds_ptr + i)).to(tl.int32)
     return tl.load(order_ptr + q)
-
-
-@triton.jit
-def dequant_values(idx, mask,
-                   packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code_ptr, code2_ptr,
-                   K,
-                   FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_SIZE2: tl.constexpr):
-    """fp32 values of the weight at flat row-major indices ``idx`` (any shape), 0 where ``~mask``."""
-    if FORMAT == 0:
-        w = tl.load(packed_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    elif FORMAT == 1:
-        byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-        q = (byte >> ((1 - idx % 2) * 4)) & 0xF
-        blk = idx // BLOCK_SIZE
-        if DOUBLE_QUANT:
-            sq = tl.load(scales_ptr + blk, mask=mask, other=0).to(tl.int32)
-            s2 = tl.load(scales2_ptr + blk // BLOCK_SIZE2, mask=mask, other=0.0)
-            absmax = tl.load(code2_ptr + sq) * s2 + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(scales_ptr + blk, mask=mask, other=0.0)
-        w = tl.load(code_ptr + q) * absmax
-    elif FORMAT == 2:
-        q = tl.load(packed_ptr + idx, mask=mask, other=0).to(tl.float32)
-        w = q * tl.load(scales_ptr + idx // BLOCK_SIZE, mask=mask, other=0.0)
-    elif FORMAT == 3:
-        q = tl.load(packed_ptr + idx, mask=mask, other=0).to(tl.float32)
-        blk = idx // BLOCK_SIZE
-        zp = tl.load(offset_ptr + blk, mask=mask, other=0.0)
-        w = (q - zp) * tl.load(scales_ptr + blk, mask=mask, other=0.0)
-    else:
-        q = tl.load(packed_ptr + idx, mask=mask, other=0).to(tl.float32)
-        absmax = tl.load(scales_ptr + idx // K, mask=mask, other=0.0)
-        w = q * tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
-    return tl.where(mask, w, 0.0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -256,18 +222,18 @@ def _quantize_rows_int8_kernel(
 @triton.jit
 def _dequantize_kernel(
     # pointers
-    packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
+    packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr, out_ptr,
     # dims
     numel, K,
     # constexprs
-    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_SIZE2: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Flat elementwise dequantization into ``out`` (its dtype) through :func:`dequant_values`."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    w = dequant_values(offs, mask, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code_ptr, code2_ptr,
-                       K, FORMAT, DOUBLE_QUANT, BLOCK_SIZE, BLOCK_SIZE2)
+    w = dequant_values(offs, mask, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr,
+                       K, FORMAT, DOUBLE_QUANT, CODEBOOK, BLOCK_SIZE, BLOCK_SIZE2)
     tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -281,9 +247,7 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
     reference's own tensors, so the kernels cannot drift from the oracle's tie-breaking."""
     key = (name, device)
     if key not in _TABLES:
-        if name in ("nf4", "fp4"):
-            t = formats.code_for(name).float()
-        elif name == "dynamic":
+        if name == "dynamic":
             t = formats.DYNAMIC_CODE.float()
         elif name == "dynamic_lut":
             t = quantizer.DYNAMIC_LUT
@@ -305,16 +269,16 @@ def _dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Te
 
 
 def kernel_tensors(qw: QuantizedWeight | torch.Tensor) -> tuple:
-    """(packed, scales, scales2, offset, code, code2) pointers for :func:`dequant_values` (dummies unused)."""
+    """(packed, scales, scales2, offset, code2) pointers for :func:`dequant_values` (dummies unused).
+    The 4-bit codebooks are compile-time constants of the kernels (``CODEBOOK``), not tensors."""
     if isinstance(qw, torch.Tensor):
         d = _dummy(qw.device)
-        return qw, d, d, d, d, d
+        return qw, d, d, d, d
     dev = qw.packed.device
-    code = _table(qw.format, dev) if qw.format in ("nf4", "fp4") else _dummy(dev)
     code2 = _table("dynamic", dev) if qw.double_quant else _dummy(dev)
     scales2 = qw.scales2 if qw.scales2 is not None else _dummy(dev)
     offset = qw.offset.reshape(-1) if qw.offset is not None else _dummy(dev)
-    return qw.packed, qw.scales, scales2, offset, code, code2
+    return qw.packed, qw.scales, scales2, offset, code2
 
 
 def check_quantized(qw: QuantizedWeight) -> None:
@@ -411,10 +375,11 @@ def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> 
     # The interpreter's fp32 -> bf16 cast truncates instead of rounding: cast with torch there.
     bf16_via_fp32 = dtype == torch.bfloat16 and interpreting()
     out = torch.empty(n_out, n_in, dtype=torch.float32 if bf16_via_fp32 else dtype, device=qw.packed.device)
-    packed, scales, scales2, offset, code, code2 = kernel_tensors(qw)
+    packed, scales, scales2, offset, code2 = kernel_tensors(qw)
     grid = (triton.cdiv(numel, _elems_per_prog()),)
-    _dequantize_kernel[grid](packed, scales, scales2, offset, code, code2, out, numel, n_in,
+    _dequantize_kernel[grid](packed, scales, scales2, offset, code2, out, numel, n_in,
                              FORMAT=format_id(qw.format), DOUBLE_QUANT=qw.double_quant,
+                             CODEBOOK=codebook_id(qw.format),
                              BLOCK_SIZE=qw.block_size if qw.format != "llm-int8" else 16,
                              BLOCK_SIZE2=qw.block_size2 if qw.double_quant else 16,
                              BLOCK=_elems_per_prog(), enable_fp_fusion=False)

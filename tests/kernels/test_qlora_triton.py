@@ -46,7 +46,9 @@ def assert_close(got, ref, dtype, what):
 def problems(draw, formats_=FORMATS):
     fmt = draw(st.sampled_from(formats_))
     return dict(
-        fmt=fmt, m=draw(st.integers(1, 64)), k=draw(st.integers(16, 256)), n=draw(st.integers(16, 256)),
+        # k: any (per-element scale path) or a multiple of 32 (the block-scale path, decode_triton.scale_sub)
+        fmt=fmt, m=draw(st.integers(1, 64)), n=draw(st.integers(16, 256)),
+        k=draw(st.one_of(st.integers(16, 256), st.integers(1, 8).map(lambda j: 32 * j))),
         r=draw(st.integers(1, 16)), block_size=draw(st.sampled_from((32, 64, 128, 256))),
         double_quant=fmt in ("nf4", "fp4") and draw(st.booleans()),
         dtype=draw(st.sampled_from((torch.float32, torch.float16, torch.bfloat16))),

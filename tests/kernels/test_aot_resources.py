@@ -1,0 +1,118 @@
+"""Compile-time resource checks of the fused Triton kernels for A100 (sm_80) and H100/H200 (sm_90),
+with no GPU: every launch the host code can make, compiled ahead of time (kernels/aot_cases.py).
+
+Each case must fit the target's shared memory, use no local memory (spills) on bf16/fp16 paths and run
+the base product on tensor cores (mma / wgmma). The compile runs in a subprocess with TRITON_INTERPRET=0
+(this test process interprets Triton); compiles are cached on disk ($PEFTFX_AOT_CACHE), so a second run
+costs seconds. The default run compiles the representative subset (18 configs, 36 s cold at load 5 on two
+cores, ~2 min at load 12); the issue's whole sweep is ``wide`` / ``full`` (``-m slow`` with PEFTFX_AOT_SWEEP=wide|full).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from bench.aot_check import violations
+from peftfx.kernels import triton_configs
+from peftfx.kernels.triton_aot import TARGETS, hottest_loop
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {"kernel", "target", "dtype", "format", "double_quant", "M", "N", "K", "r", "direction", "config",
+        "shared_bytes", "spill_bytes", "registers", "mma", "fits"}
+
+
+def _sweep(subset: str, tmp_path: Path, timeout: int) -> list[dict]:
+    out = tmp_path / f"aot_{subset}.json"
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.aot_check", "--subset", subset, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.exists(), f"aot_check failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def _check(records: list[dict]) -> None:
+    assert records
+    for rec in records:
+        assert KEYS <= set(rec), set(KEYS) - set(rec)
+    bad = [(r["kernel"], r["target"], r["dtype"], r["format"], r["double_quant"], r["M"], r["config"], violations(r))
+           for r in records if violations(r)]
+    assert not bad, f"{len(bad)} launches break a rule: {bad[:10]}"
+
+
+def test_default_sweep_launches_on_a100_and_h100(tmp_path):
+    records = _sweep("default", tmp_path, timeout=900)
+    _check(records)
+    assert {r["target"] for r in records} == set(TARGETS)
+    assert {r["kernel"] for r in records} == {"forward", "gemv", "dx"}
+    assert {r["dtype"] for r in records} == {"bf16", "fp16", "fp32"}
+    # the standard QLoRA recipe on an A100 (no config fitted before issue 19) keeps several candidates
+    a100 = [r for r in records if r["target"] == "sm_80" and r["format"] == "nf4" and r["double_quant"]
+            and r["kernel"] == "forward"]
+    assert 2 <= len(a100) <= triton_configs.MAX_CANDIDATES
+    # the resource model the pruner uses never underestimates what ptxas allocates
+    assert all(r["model_shared_bytes"] >= r["shared_bytes"] for r in records)
+    # sm_90 runs the 4096-row forward on Hopper's warpgroup MMA
+    assert any(r["mma"] == "wgmma" for r in records if r["target"] == "sm_90" and r["kernel"] == "forward")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PEFTFX_AOT_SWEEP") not in ("wide", "full"),
+                    reason="the whole sweep compiles ~650 (wide) / ~2700 (full) kernels cold: set PEFTFX_AOT_SWEEP")
+def test_whole_sweep_launches(tmp_path):
+    _check(_sweep(os.environ["PEFTFX_AOT_SWEEP"], tmp_path, timeout=6 * 3600))
+
+
+def test_pruning_keeps_a_fitting_config_for_every_key():
+    """For every kind, dtype, format and M bucket, on either target: 1..3 candidates, ranked, the
+    fallback among them, and the model says each fits (except the fallback, which always does)."""
+    for spec in TARGETS.values():
+        for kind in ("forward", "dx", "gemv"):
+            for esize in (2, 4):
+                for fmt_id, dq in ((0, False), (1, False), (1, True), (2, False), (3, False), (4, False)):
+                    for m in (1, 16, 256, 4096):
+                        full = triton_configs.gpu_configs(kind)
+                        got = triton_configs.candidate_configs(kind, m, 4096, esize, fmt_id, dq, 64, spec.shared_limit,
+                                                               spec.sms, configs=full)
+                        assert 1 <= len(got) <= triton_configs.MAX_CANDIDATES
+                        assert full[-1] in got
+                        for cfg in got[:-1]:
+                            assert triton_configs.estimate_shared(kind, cfg, esize, fmt_id, dq) <= spec.shared_limit
+
+
+def test_hottest_loop_parses_cuobjdump_sass():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/              @!P0 BRA 0x10 ;
+        /*0040*/                   EXIT ;
+    """
+    assert hottest_loop(sass) == (3, 1)
+
+
+def test_early_prune_reads_the_launch_arguments(monkeypatch):
+    """The hook the autotuner calls sees the launch's tensors and constexprs: fp32 activations get
+    fewer (smaller) candidates than bf16, and PEFTFX_TRITON_AUTOTUNE=0 keeps one."""
+    import torch
+
+    monkeypatch.delenv("PEFTFX_TRITON_AUTOTUNE", raising=False)
+    prune = triton_configs.early_prune("forward", "x_ptr")
+    full = triton_configs.gpu_configs("forward")
+
+    def run(dtype):
+        return prune(full, {"x_ptr": torch.empty(1, dtype=dtype), "M": 4096, "N": 4096, "K": 4096},
+                     FORMAT=1, DOUBLE_QUANT=True, QBLOCK=64)
+
+    bf16, fp32 = run(torch.bfloat16), run(torch.float32)
+    assert 2 <= len(bf16) <= triton_configs.MAX_CANDIDATES and 1 <= len(fp32) <= len(bf16)
+    area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    assert max(map(area, fp32)) <= max(map(area, bf16))
+    monkeypatch.setenv("PEFTFX_TRITON_AUTOTUNE", "0")
+    assert run(torch.bfloat16) == bf16[:1]
