@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 from peftfx.graph import attr_users, delete_attr, get_attr_value, set_submodule, stamp, unique_attr_name
 from peftfx.kernels import quantizer
 from peftfx.kernels.modules import QLoRALinear
-from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.pass_manager import PassContext, PassResult, register_pass, shared_module
 from peftfx.targets import Target, resolve_targets
 
 __all__ = ["swap_linear", "build_module"]
@@ -141,7 +141,7 @@ def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     for target in targets:
         site = target.site
         weight_shape = tuple(get_attr_value(gm, site.weight_attr).shape)
-        module = build_module(gm, target)
+        module = shared_module(ctx, site.fqn, lambda target=target: build_module(gm, target))
         site_nodes = set(site.nodes)
         set_submodule_safe(gm, site, module)
         for node in site.nodes:

@@ -18,7 +18,8 @@ from torch.fx import GraphModule
 from peftfx.errors import PeftfxError, RewriteError
 from peftfx.graph import PASS_KEY
 
-__all__ = ["PassResult", "PassContext", "PassRecord", "PassSpec", "register_pass", "registered_passes", "run_passes"]
+__all__ = ["PassResult", "PassContext", "PassRecord", "PassSpec", "register_pass", "registered_passes", "run_passes",
+           "shared_module", "SHARE_OPTION"]
 
 
 class PassResult(NamedTuple):
@@ -67,6 +68,28 @@ class PassRecord:
 
 
 _REGISTRY: dict[str, PassSpec] = {}
+
+# PassContext.options key: a compiled GraphModule whose adapter / quantized modules a new capture of
+# the same model binds to (generation graphs, other call signatures) instead of building copies.
+SHARE_OPTION = "share_modules_with"
+
+
+def shared_module(ctx: PassContext, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """The module a pass installs at ``name``: ``build()``, or the same object from the compiled
+    module named by ``ctx.options[SHARE_OPTION]`` (no second copy of packed weights or adapters).
+
+    Raises:
+        RewriteError: binding is requested and that module has nothing at ``name`` (the new capture
+            differs from the compiled one, so its adapters would silently start fresh).
+    """
+    source = ctx.options.get(SHARE_OPTION)
+    if source is None:
+        return build()
+    try:
+        return source.get_submodule(name)
+    except AttributeError:
+        raise RewriteError(f"the new capture has a module {name!r} that the compiled module lacks; binding "
+                           "it to the compiled adapters is impossible (the model changed since compile?)") from None
 
 
 def register_pass(section: str, *, order: int, name: str | None = None):
