@@ -20,7 +20,6 @@ arguments is captured on first use and cached. Keyword arguments passed as ``Non
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import weakref
 from typing import Any
@@ -31,7 +30,7 @@ from torch.fx import GraphModule
 
 from peftfx.emit import PLAN_KEY, emit
 from peftfx.errors import TraceError
-from peftfx.pass_manager import SHARE_OPTION, PassContext, run_passes
+from peftfx.pass_manager import SHARE_OPTION, SKIP_OPTION, PassContext, run_passes
 from peftfx.trace import SIGNATURE_KEY, capture, signature_error
 
 __all__ = ["SOURCE_KEY", "remember_source", "source_model", "stand_ins", "recapture", "EntryPoints",
@@ -100,13 +99,11 @@ def recapture(gm: GraphModule, module: nn.Module, example_inputs: Any, *, dynami
     """
     model = source_model(gm)
     plan = gm.meta[PLAN_KEY]
-    if skip_sections:
-        plan = dataclasses.replace(plan, **{s: None for s in skip_sections})
     flags = [(p, p.requires_grad) for p in gm.parameters()]
     with stand_ins(model):
         new = capture(module, example_inputs, dynamic_shapes=dynamic_shapes)
     ctx = PassContext(plan=plan, model=model, example_inputs=example_inputs,
-                      options={"release_source_weights": False, SHARE_OPTION: gm})
+                      options={"release_source_weights": False, SHARE_OPTION: gm, SKIP_OPTION: skip_sections})
     try:
         new, records = run_passes(new, ctx, snapshots=False)
     finally:
