@@ -106,7 +106,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftfx", description="Inspect what a peftfx plan rewrites and "
                                      "estimate the memory of training with it.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes,generate}")
     model_help = "package.module:function returning (model, example_inputs), a HF model folder, or a config.json"
 
     p = sub.add_parser("inspect", help="show what each pass did to MODEL under PLAN")
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list the registered passes and the plan sections they serve")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_passes)
+
+    from peftfx.serve.generate_cli import add_generate_command  # the command's code lives in peftfx.serve
+
+    add_generate_command(sub, _positive)
     return parser
 
 
