@@ -4,7 +4,8 @@
 #      TRITON_INTERPRET=0, CI hypothesis profile; time limits 200 s + 100 s;
 #   2. fused NF4+LoRA forward and forward+backward vs bf16 F.linear + LoRA and vs dequantize-then-matmul,
 #      M in (1, 16, 4096), K = N = 4096, r = 16 (bench/gpu_kernels.py, limit 170 s), table ->
-#      $OUT/gpu_results.md. Worst case about 8 minutes including startup.
+#      $OUT/gpu_results.md. Worst case about 8 minutes including startup;
+#   3. generation tokens/s vs transformers bf16 generate (bench/generation.py --device cuda, limit 150 s).
 # Usage: bash bench/gpu_check.sh      (from anywhere; OUT optional)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +54,16 @@ timeout 170 "$PY" bench/gpu_kernels.py
 rc=$?
 echo "benchmark exit code: $rc"
 [ "$rc" -ne 0 ] && status=1
+
+# Generation (issue 15): peftfx.generate NF4+LoRA (bf16 compute) tokens/s vs transformers bf16 dense generate,
+# bench Llama (hidden 1024, 4 layers), prompt 128 -> 128 new tokens, batch 1 and 8. Needs transformers.
+echo "== 3/3 generation tokens/s =="
+if "$PY" -c "import transformers" 2>/dev/null; then
+  timeout 150 "$PY" -m bench.generation --device cuda --reps 3 --out "${RESULTS:-/dev/null}"
+  rc=$?
+  echo "generation benchmark exit code: $rc"
+  [ "$rc" -ne 0 ] && status=1
+else
+  echo "generation benchmark skipped: transformers is not installed on this machine"
+fi
 exit $status
