@@ -36,12 +36,16 @@ def peft_model(name: str, gm):
         return peft.PeftModel.from_pretrained(no_eos(make_case(name).model), d).eval()
 
 
+def virtual_tokens_case(name: str, kind: str):
+    """(ours: generated [2, 6+NEW] on a left-padded batch, PEFT's model of the same adapter, ids, mask, gm)."""
+    gm = compile_plan(name, {kind: {"tokens": TOKENS}}, scale=1.0)
+    ids, mask = prompts()
+    return peftfx.generate(gm, ids, mask, max_new_tokens=NEW), peft_model(name, gm), ids, mask, gm
+
+
 @pytest.mark.parametrize("name", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_prefix_tuning_equals_greedy_over_peft_prefix_forward(name):
-    gm = compile_plan(name, {"prefix": {"tokens": TOKENS}}, scale=1.0)
-    ref = peft_model(name, gm)
-    ids, mask = prompts()
-    ours = peftfx.generate(gm, ids, mask, max_new_tokens=NEW)
+    ours, ref, ids, _, _ = virtual_tokens_case(name, "prefix")
     for row, pads in ((0, 2), (1, 0)):
         alone = ids[row:row + 1, pads:]
         expected = greedy_by_forward(lambda s: ref(input_ids=s).logits, alone)
@@ -52,10 +56,7 @@ def test_prefix_tuning_equals_greedy_over_peft_prefix_forward(name):
 
 @pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_prompt_tuning_equals_peft_generate(name):
-    gm = compile_plan(name, {"prompt": {"tokens": TOKENS}}, scale=1.0)
-    ref = peft_model(name, gm)
-    ids, mask = prompts()
-    ours = peftfx.generate(gm, ids, mask, max_new_tokens=NEW)
+    ours, ref, ids, mask, gm = virtual_tokens_case(name, "prompt")
     assert torch.equal(ours, hf_generate(ref, ids, mask))
     alone = peftfx.generate(gm, ids[:1, 2:], max_new_tokens=NEW)
     assert torch.equal(alone[0], ours[0, 2:])
