@@ -13,7 +13,7 @@ While exporting, :func:`stand_ins` puts a stride-0 zero tensor of the same shape
 (one element of memory): export only needs shapes, and the pass that swaps each such layer drops
 the stand-in from the new graph.
 
-:class:`EntryPoints` becomes ``gm.forward`` (an instance attribute, so nn.Module hooks still run):
+:class:`EntryPoints` answers ``gm.forward`` (an instance attribute, so nn.Module hooks still run):
 the compiled keyword set runs the graph, another set of the original forward's named keyword
 arguments is captured on first use and cached. Keyword arguments passed as ``None`` count as absent.
 """
@@ -132,15 +132,9 @@ class EntryPoints:
     """``gm.forward``: the compiled keyword set runs the graph; another one is captured once, bound to
     ``gm``'s modules, and cached (see the module docstring)."""
 
-    dispatches_signatures = True  # read by peftfx.trace's signature check
-
-    def __init__(self, gm: GraphModule | None) -> None:
-        self._gm = weakref.ref(gm) if gm is not None else (lambda: None)
+    def __init__(self, gm: GraphModule) -> None:
+        self._gm = weakref.ref(gm)
         self.variants: dict[tuple, GraphModule] = {}
-
-    def __deepcopy__(self, memo: dict) -> "EntryPoints":
-        # GraphModule's deepcopy drops instance attributes; _reinstall (a deepcopy hook) binds the copy
-        return EntryPoints(None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         gm = self._gm()
@@ -198,6 +192,14 @@ def install_entry_points(gm: GraphModule) -> None:
     for hid, hook in list(gm._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             gm._forward_pre_hooks[hid] = _only_for_captured(hook)
-    gm.forward = EntryPoints(gm)
+    entry = EntryPoints(gm)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        # a plain function, not the EntryPoints object: torch.export reads ``forward.__code__``
+        return entry(*args, **kwargs)
+
+    forward.entry_points = entry
+    forward.dispatches_signatures = True  # read by peftfx.trace's signature check
+    gm.forward = forward
     if install_entry_points not in gm._deepcopy_hooks:
         gm._deepcopy_hooks.append(install_entry_points)  # merge() copies the module: the copy answers too

@@ -140,7 +140,7 @@ def new_cache(geometry: CacheGeometry, batch: int, length: int, *, dtype: torch.
     return keys, values
 
 
-def _step_view(model: nn.Module, multi: bool) -> nn.Module:
+def _step_view(model: nn.Module) -> nn.Module:
     """``model`` (same submodules, same parameter names) with the step signature as its forward."""
     cls = type(model)
     _, cache_cls = _cache_classes()
@@ -210,7 +210,7 @@ def step_graph(gm: GraphModule) -> GraphModule:
     example, dynamic = _example(model, geometry, multi)
     modes = [(m, m.training) for m in gm.modules()]
     try:
-        step = recapture(gm, _step_view(model, multi), example, dynamic_shapes=dynamic,
+        step = recapture(gm, _step_view(model), example, dynamic_shapes=dynamic,
                          skip_sections=("prefix", "prompt"))
     finally:
         for m, mode in modes:  # the step graph is eval-only; gm's shared modules keep their mode

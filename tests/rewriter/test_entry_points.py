@@ -36,7 +36,7 @@ def test_labels_dropped_and_added_equal_a_compile_of_that_signature():
         added, native = without(**inputs), with_labels(**inputs)
     assert torch.equal(added.loss, native.loss) and torch.equal(added.logits, native.logits)
 
-    variant = with_labels.forward.variants[(0, frozenset(plain))]
+    variant = with_labels.forward.entry_points.variants[(0, frozenset(plain))]
     assert all(variant.get_submodule(fqn) is m for fqn, m in qlora_modules(with_labels).items())
     with_labels.train()
     with_labels(**plain).logits.sum().backward()  # a step through the new signature trains gm's own adapters
