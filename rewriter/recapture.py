@@ -95,21 +95,25 @@ def recapture(gm: GraphModule, module: nn.Module, example_inputs: Any, *, dynami
             prompt tuning outside the graph, through the cache and the embeddings).
 
     Returns:
-        A GraphModule in eval mode. ``gm``'s parameters keep their ``requires_grad`` flags.
+        A GraphModule (its own root in eval mode). ``gm``'s parameters keep their ``requires_grad``
+        flags and its modules their train/eval mode; callers set the mode they run in.
     """
     model = source_model(gm)
     plan = gm.meta[PLAN_KEY]
     flags = [(p, p.requires_grad) for p in gm.parameters()]
+    modes = [(m, m.training) for m in gm.modules()]
     with stand_ins(model):
         new = capture(module, example_inputs, dynamic_shapes=dynamic_shapes)
     ctx = PassContext(plan=plan, model=model, example_inputs=example_inputs,
                       options={"release_source_weights": False, SHARE_OPTION: gm, SKIP_OPTION: skip_sections})
     try:
         new, records = run_passes(new, ctx, snapshots=False)
-    finally:
-        for p, flag in flags:  # the freeze pass ran over shared parameters: the user's flags win
+        return emit(new, training=False, plan=plan, records=records)
+    finally:  # freeze and emit touched shared parameters and modules: gm's flags and modes win
+        for p, flag in flags:
             p.requires_grad_(flag)
-    return emit(new, training=False, plan=plan, records=records)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _accepted_names(model: nn.Module) -> set[str]:

@@ -208,13 +208,7 @@ def step_graph(gm: GraphModule) -> GraphModule:
     multi = is_multi(gm)
     geometry = cache_geometry(model)
     example, dynamic = _example(model, geometry, multi)
-    modes = [(m, m.training) for m in gm.modules()]
-    try:
-        step = recapture(gm, _step_view(model), example, dynamic_shapes=dynamic,
-                         skip_sections=("prefix", "prompt"))
-    finally:
-        for m, mode in modes:  # the step graph is eval-only; gm's shared modules keep their mode
-            m.training = mode
+    step = recapture(gm, _step_view(model), example, dynamic_shapes=dynamic, skip_sections=("prefix", "prompt"))
     if multi:
         _route_ids(step)
     _STEPS[gm] = step
