@@ -20,6 +20,7 @@ arguments is captured on first use and cached. Keyword arguments passed as ``Non
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from typing import Any
@@ -136,12 +137,19 @@ class EntryPoints:
     """``gm.forward``: the compiled keyword set runs the graph; another one is captured once, bound to
     ``gm``'s modules, and cached (see the module docstring)."""
 
-    def __init__(self, gm: GraphModule) -> None:
-        self._gm = weakref.ref(gm)
+    def __init__(self, gm: GraphModule | None) -> None:
+        self._gm = weakref.ref(gm) if gm is not None else (lambda: None)
         self.variants: dict[tuple, GraphModule] = {}
+
+    def __reduce__(self):
+        # a copy or unpickled module is bound again by install_entry_points (GraphModule deepcopy hook)
+        return EntryPoints, (None,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         gm = self._gm()
+        if gm is None:
+            raise TraceError("this compiled module's entry points are not bound (a copy made without its "
+                             "deepcopy hooks?); call peftfx.recapture.install_entry_points(gm) once")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if _captured_call(gm, args, kwargs):
             return type(gm).forward(gm, *args, **kwargs)
@@ -191,17 +199,18 @@ def _only_for_captured(check):
     return hook
 
 
+def _entry_forward(entry: EntryPoints, *args: Any, **kwargs: Any) -> Any:
+    return entry(*args, **kwargs)
+
+
 def install_entry_points(gm: GraphModule) -> None:
     """Make ``gm`` answer calls with other keyword sets of its source model's forward."""
     for hid, hook in list(gm._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             gm._forward_pre_hooks[hid] = _only_for_captured(hook)
     entry = EntryPoints(gm)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        # a plain function, not the EntryPoints object: torch.export reads ``forward.__code__``
-        return entry(*args, **kwargs)
-
+    # a partial of a module-level function (picklable; torch.export reads ``forward.func.__code__``)
+    forward = functools.partial(_entry_forward, entry)
     forward.entry_points = entry
     forward.dispatches_signatures = True  # read by peftfx.trace's signature check
     gm.forward = forward
