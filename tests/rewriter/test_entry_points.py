@@ -25,9 +25,15 @@ def _compiled(with_labels: bool):
     return gm.eval(), case
 
 
-def test_labels_dropped_and_added_equal_a_compile_of_that_signature():
+@pytest.fixture(scope="module")
+def pair():
+    """(compiled with labels, compiled without, case): each compile is an export, so built once."""
     with_labels, case = _compiled(True)
-    without, _ = _compiled(False)
+    return with_labels, _compiled(False)[0], case
+
+
+def test_labels_dropped_and_added_equal_a_compile_of_that_signature(pair):
+    with_labels, without, case = pair
     inputs = dict(case.other_inputs)  # another batch / sequence size than the example
     plain = {k: v for k, v in inputs.items() if k != "labels"}
     with torch.no_grad():
@@ -44,7 +50,7 @@ def test_labels_dropped_and_added_equal_a_compile_of_that_signature():
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_unknown_keyword_still_raises_trace_error():
-    gm, case = _compiled(False)
+def test_unknown_keyword_still_raises_trace_error(pair):
+    _, gm, case = pair
     with pytest.raises(TraceError, match=r"LlamaForCausalLM.forward takes no argument 'labelz'"):
         gm(**{k: v for k, v in case.inputs.items() if k != "labels"}, labelz=case.inputs["labels"])
