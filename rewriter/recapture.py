@@ -187,16 +187,18 @@ def _captured_call(gm: nn.Module, args: tuple, kwargs: dict) -> bool:
     return len(args) == n_args and set(kwargs) == set(names)
 
 
-def _only_for_captured(check):
-    """Wrap export's input check (it rejects any other keyword set) to run on the captured set only."""
+class _CapturedOnly:
+    """Export's input check (it rejects any other keyword set), run on the captured set only; ``None``
+    keyword arguments are dropped first. A class, not a closure, so the compiled module pickles."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
+    def __init__(self, check) -> None:
+        self.check = check
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if _captured_call(module, args, kwargs):
-            check(module, args, kwargs)
+            self.check(module, args, kwargs)
         return args, kwargs
-
-    return hook
 
 
 def _entry_forward(entry: EntryPoints, *args: Any, **kwargs: Any) -> Any:
@@ -207,7 +209,7 @@ def install_entry_points(gm: GraphModule) -> None:
     """Make ``gm`` answer calls with other keyword sets of its source model's forward."""
     for hid, hook in list(gm._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
-            gm._forward_pre_hooks[hid] = _only_for_captured(hook)
+            gm._forward_pre_hooks[hid] = _CapturedOnly(hook)
     entry = EntryPoints(gm)
     # a partial of a module-level function (picklable; torch.export reads ``forward.func.__code__``)
     forward = functools.partial(_entry_forward, entry)
