@@ -13,6 +13,8 @@
 #   bash bench/gpu_check.sh memory   activation memory (bench/activation_memory.py --device cuda, limit 240 s):
 #      peftfx off / blocks / selective / blocks+offload vs peft+bnb gradient checkpointing
 #      -> $OUT/activation_memory.md + .png.
+#   bash bench/gpu_check.sh generation   peftfx.generate NF4+LoRA (bf16 compute) tokens/s vs transformers bf16
+#      generate, bench Llama, prompt 128 -> 128 new tokens, batch 1 and 8 (limit 150 s).
 # Not yet run on a GPU (written on a machine without one; AOT-compiled for sm_80/sm_90 only).
 # Usage: bash bench/gpu_check.sh      (from anywhere; OUT optional)
 #        bash bench/gpu_check.sh optim   the separate peftfx.optim block only (issue 16, about 4 minutes):
@@ -75,6 +77,21 @@ if [ "${1:-}" = "memory" ]; then  # ---- activation memory block (issue 13) ----
   rc=$?
   echo "activation memory benchmark exit code: $rc"
   [ "$rc" -ne 0 ] && status=1
+  exit $status
+fi
+
+if [ "${1:-}" = "generation" ]; then  # ---- generation block (issue 15) ----
+  # Generation (issue 15): peftfx.generate NF4+LoRA (bf16 compute) tokens/s vs transformers bf16 dense generate,
+  # bench Llama (hidden 1024, 4 layers), prompt 128 -> 128 new tokens, batch 1 and 8. Needs transformers.
+  echo "== generation tokens/s =="
+  if "$PY" -c "import transformers" 2>/dev/null; then
+    timeout 150 "$PY" -m bench.generation --device cuda --reps 3 --out "${RESULTS:-/dev/null}"
+    rc=$?
+    echo "generation benchmark exit code: $rc"
+    [ "$rc" -ne 0 ] && status=1
+  else
+    echo "generation benchmark skipped: transformers is not installed on this machine"
+  fi
   exit $status
 fi
 

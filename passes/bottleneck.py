@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 from peftfx.errors import PlanError
 from peftfx.graph import set_submodule, stamp
 from peftfx.kernels.bottleneck_modules import Bottleneck
-from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.pass_manager import PassContext, PassResult, register_pass, shared_module
 from peftfx.targets import block_of
 from peftfx.trace import owner_stack
 
@@ -105,8 +105,8 @@ def bottleneck(gm: GraphModule, ctx: PassContext) -> PassResult:
         val = nodes[0].meta.get("val")
         if val is None:
             raise PlanError(f"adapter: no shape recorded for the output of {fqn}; cannot size its adapter")
-        module = Bottleneck(val.shape[-1], spec.size, nonlinearity=spec.nonlinearity, dtype=val.dtype,
-                            device=val.device, name=fqn)
+        module = shared_module(ctx, name, lambda val=val, fqn=fqn: Bottleneck(
+            val.shape[-1], spec.size, nonlinearity=spec.nonlinearity, dtype=val.dtype, device=val.device, name=fqn))
         set_submodule(gm, name, module)
         for node in nodes:
             with graph.inserting_after(node):

@@ -43,7 +43,7 @@ from torch.fx import GraphModule, Node
 from peftfx.errors import RewriteError
 from peftfx.graph import get_attr_value, set_submodule, stamp, unique_attr_name
 from peftfx.kernels.prompt_modules import PrefixEncoder, PrefixKV, ReparamPrefixKV
-from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.pass_manager import PassContext, PassResult, register_pass, shared_module
 from peftfx.trace import owner_fqn
 
 __all__ = ["prefix_tuning", "fold_prefix_encoder", "prefix_prompt_embeddings", "load_prefix_prompt_embeddings"]
@@ -212,8 +212,8 @@ def prefix_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
                                f"found {sorted(shapes)}; set reparametrize = false")
         (n_kv, head_dim), = shapes
         enc_name = unique_attr_name(gm, "prefix_encoder")
-        set_submodule(gm, enc_name, PrefixEncoder(tokens, len(sites), n_kv, head_dim, spec.hidden,
-                                                  device=sites[0]["device"]))
+        set_submodule(gm, enc_name, shared_module(ctx, enc_name, lambda: PrefixEncoder(
+            tokens, len(sites), n_kv, head_dim, spec.hidden, device=sites[0]["device"])))
         with graph.inserting_before(sdpas[0]):
             encoder_node = stamp(graph.call_module(enc_name, ()), _PASS, enc_name)
         ctx.note(encoder=enc_name, hidden=spec.hidden, prompt_embeddings=[tokens, len(sites) * 2 * n_kv * head_dim])
@@ -225,7 +225,7 @@ def prefix_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
         else:
             mod = ReparamPrefixKV(layer, len(sites), site["n_kv"], site["head_dim"], n_rep=site["n_rep"],
                                   is_causal=site["is_causal"])
-        set_submodule(gm, name, mod)
+        set_submodule(gm, name, shared_module(ctx, name, lambda mod=mod: mod))
         _rewire(gm, sdpa, name, () if encoder_node is None else (encoder_node,))
         ctx.note(site=sdpa.name, module=name, kv_heads=site["n_kv"], n_rep=site["n_rep"], head_dim=site["head_dim"],
                  tokens=tokens, causal_flag=site["is_causal"])

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from peftfx.errors import RewriteError
 from peftfx.graph import get_attr_value, set_submodule, stamp, unique_attr_name
 from peftfx.kernels.prompt_modules import SoftPrompt
-from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.pass_manager import PassContext, PassResult, register_pass, shared_module
 from peftfx.trace import owner_fqn
 
 __all__ = ["prompt_tuning", "prompt_init"]
@@ -173,8 +173,8 @@ def prompt_tuning(gm: GraphModule, ctx: PassContext) -> PassResult:
                            "needs the table as a parameter")
     table = get_attr_value(gm, weight.target)
     name = unique_attr_name(gm, "prompt_encoder")
-    init = prompt_init(table, tokens, spec, ctx.options.get("tokenizer"))
-    set_submodule(gm, name, SoftPrompt(init.to(table.device)))
+    set_submodule(gm, name, shared_module(ctx, name, lambda: SoftPrompt(
+        prompt_init(table, tokens, spec, ctx.options.get("tokenizer")).to(table.device))))
     with graph.inserting_after(emb):
         cat = stamp(graph.call_module(name, (emb,)), _PASS, owner_fqn(emb), like=emb)
     cat.meta.pop("val", None)

@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 from peftfx.graph import attr_users, delete_attr, get_attr_value, set_submodule, stamp, unique_attr_name
 from peftfx.kernels import quantizer
 from peftfx.kernels.modules import QLoRALinear
-from peftfx.pass_manager import PassContext, PassResult, register_pass
+from peftfx.pass_manager import PassContext, PassResult, register_pass, shared_module
 from peftfx.targets import Target, resolve_targets
 
 __all__ = ["swap_linear", "build_module", "quantized_weight"]
@@ -157,7 +157,8 @@ def swap_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
         site = target.site
         weight_shape = tuple(get_attr_value(gm, site.weight_attr).shape)
         source = ctx.options.get("weight_source")
-        module = build_module(gm, target, source.materialize if source is not None else None)
+        materialize = source.materialize if source is not None else None
+        module = shared_module(ctx, site.fqn, lambda target=target: build_module(gm, target, materialize))
         if source is not None:
             source.built(site.fqn, module)
         site_nodes = set(site.nodes)

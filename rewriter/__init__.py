@@ -37,6 +37,7 @@ _LAZY = {
     "adapter_index": "peftfx.serve.multi_adapter",
     "add_adapter": "peftfx.serve.multi_adapter",
     "remove_adapter": "peftfx.serve.multi_adapter",
+    "generate": "peftfx.serve.generation",
 }
 
 __all__ = [

@@ -12,6 +12,7 @@ from peftfx.emit import REPORT_KEY, emit
 from peftfx.errors import PlanError
 from peftfx.pass_manager import PassContext, run_passes
 from peftfx.plan import Plan
+from peftfx.recapture import install_entry_points, remember_source
 from peftfx.trace import capture
 
 __all__ = ["compile", "as_plan", "trainable_parameters", "report"]
@@ -61,7 +62,9 @@ def compile(  # noqa: A001 - the public verb
 
     Returns:
         A ``torch.fx.GraphModule`` with the model's call signature and output structure, in the
-        model's train/eval mode, in which only adapter parameters require grad.
+        model's train/eval mode, in which only adapter parameters require grad. Called with
+        another set of the model's keyword arguments (``labels`` left out or added), it captures
+        that signature once, sharing the same modules (:mod:`peftfx.recapture`).
 
     Example::
 
@@ -83,7 +86,10 @@ def compile(  # noqa: A001 - the public verb
                  "weight_source": weight_source},
     )
     gm, records = run_passes(gm, ctx, snapshots=snapshots)
-    return emit(gm, training=training, plan=plan, records=records)
+    gm = emit(gm, training=training, plan=plan, records=records)
+    remember_source(gm, model)  # other call signatures and generation capture it again
+    install_entry_points(gm)
+    return gm
 
 
 def trainable_parameters(gm: nn.Module) -> dict[str, nn.Parameter]:

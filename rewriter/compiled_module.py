@@ -214,6 +214,10 @@ def _rebuild(base: type, body: dict, graph: Graph | dict) -> GraphModule:
     gm.__dict__.update(body)
     gm.graph = graph if isinstance(graph, Graph) else _load_graph(graph)  # the setter recompiles
     install(gm)
+    # what torch's own GraphModule.__deepcopy__ runs on a copy (e.g. re-binding the entry points that
+    # answer other keyword sets, peftfx.recapture): a rebuilt module is a copy too
+    for hook in list(gm.__dict__.get("_deepcopy_hooks", ())):
+        hook(gm)
     return gm
 
 

@@ -32,7 +32,7 @@ from peftfx.errors import PeftfxError, RewriteError
 from peftfx.graph import PASS_KEY
 
 __all__ = ["PassResult", "PassContext", "PassRecord", "PassSpec", "register_pass", "unregister_pass", "registered_passes",
-           "run_passes"]
+           "run_passes", "shared_module", "SHARE_OPTION", "SKIP_OPTION"]
 
 
 class PassResult(NamedTuple):
@@ -83,6 +83,30 @@ class PassRecord:
 
 
 _REGISTRY: dict[str, PassSpec] = {}
+
+# PassContext.options key: a compiled GraphModule whose adapter / quantized modules a new capture of
+# the same model binds to (generation graphs, other call signatures) instead of building copies.
+SHARE_OPTION = "share_modules_with"
+# PassContext.options key: plan sections whose passes do not run on this capture
+SKIP_OPTION = "skip_sections"
+
+
+def shared_module(ctx: PassContext, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """The module a pass installs at ``name``: ``build()``, or the same object from the compiled
+    module named by ``ctx.options[SHARE_OPTION]`` (no second copy of packed weights or adapters).
+
+    Raises:
+        RewriteError: binding is requested and that module has nothing at ``name`` (the new capture
+            differs from the compiled one, so its adapters would silently start fresh).
+    """
+    source = ctx.options.get(SHARE_OPTION)
+    if source is None:
+        return build()
+    try:
+        return source.get_submodule(name)
+    except AttributeError:
+        raise RewriteError(f"the new capture has a module {name!r} that the compiled module lacks; binding "
+                           "it to the compiled adapters is impossible (the model changed since compile?)") from None
 
 
 def register_pass(section: str, *, after: tuple[str, ...] = (), before: tuple[str, ...] = (),
@@ -175,8 +199,9 @@ def _active(spec: PassSpec, plan: Any) -> bool:
 def run_passes(gm: GraphModule, ctx: PassContext, *, snapshots: bool = True) -> tuple[GraphModule, list[PassRecord]]:
     """Run every pass whose plan section is present, in order; lint + recompile after each."""
     records: list[PassRecord] = []
+    skipped = ctx.options.get(SKIP_OPTION, ())
     for spec in registered_passes():
-        if not _active(spec, ctx.plan):
+        if not _active(spec, ctx.plan) or spec.section in skipped:
             continue
         before_nodes = {id(n): n.name for n in gm.graph.nodes}
         code_before = gm.code if snapshots else ""

@@ -26,7 +26,8 @@ from torch.fx import GraphModule, Node
 
 from peftfx.errors import TraceError
 
-__all__ = ["capture", "normalize_inputs", "owner_fqn", "owner_stack", "DropoutRate", "SIGNATURE_KEY"]
+__all__ = ["capture", "normalize_inputs", "owner_fqn", "owner_stack", "DropoutRate", "SIGNATURE_KEY",
+           "signature_error"]
 
 aten = torch.ops.aten
 _DROPOUT_OPS = (aten.dropout.default,)
@@ -142,7 +143,7 @@ _HINTS = (
 )
 
 
-def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> GraphModule:
+def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True, dynamic_shapes: Any = None) -> GraphModule:
     """Export ``model`` on ``example_inputs`` and return the normalized GraphModule.
 
     Args:
@@ -150,6 +151,8 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> G
         example_inputs: dict of kwargs, tuple of args, or one tensor; batch and sequence dims
             (dims 0 and 1 of each tensor) become dynamic.
         dynamic: False captures for exactly these input shapes (faster: no symbolic shapes).
+        dynamic_shapes: torch.export's spec, replacing that default (generation graphs mark the
+            KV cache's batch and length dims inside lists of tensors).
 
     Returns:
         A GraphModule whose parameters are the model's own Parameter objects (shared storage),
@@ -160,8 +163,8 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> G
     args, kwargs = _unalias(*normalize_inputs(example_inputs))
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
     # export matches dynamic_shapes to inputs in call order: positional args, then kwargs
-    dynamic_shapes: Any = dyn_kwargs if not args else tuple(dyn_args) + tuple(dyn_kwargs.values())
-    dynamic_shapes = dynamic_shapes if dynamic else None
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = dyn_kwargs if not args else tuple(dyn_args) + tuple(dyn_kwargs.values())
     with _capture_mode(model):
         try:
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
@@ -187,15 +190,22 @@ SIGNATURE_KEY = "peftfx.signature"
 
 def _check_signature(gm: GraphModule, args: tuple, kwargs: dict) -> None:
     """The graph was captured for one set of arguments: say so plainly when a call differs."""
+    if getattr(gm.__dict__.get("forward"), "dispatches_signatures", False):
+        return  # peftfx.recapture.EntryPoints answers other keyword sets (and checks them) itself
     n_args, names = gm.meta.get(SIGNATURE_KEY, (len(args), tuple(kwargs)))
     if len(args) != n_args or set(kwargs) != set(names):
-        got = [f"{len(args)} positional"] + sorted(kwargs)
-        want = [f"{n_args} positional"] + sorted(names)
-        raise TraceError(
-            f"this module was compiled for arguments ({', '.join(want)}) but was called with "
-            f"({', '.join(got)}); the graph is fixed by example_inputs, so pass every argument you "
-            "will call with (labels included) in example_inputs when compiling"
-        )
+        raise signature_error(n_args, names, args, kwargs)
+
+
+def signature_error(n_args: int, names: tuple, args: tuple, kwargs: dict, accepted: str = "") -> TraceError:
+    """The TraceError for a call whose arguments differ from the captured ones (``accepted``: what to do)."""
+    got = [f"{len(args)} positional"] + sorted(kwargs)
+    want = [f"{n_args} positional"] + sorted(names)
+    return TraceError(
+        f"this module was compiled for arguments ({', '.join(want)}) but was called with ({', '.join(got)}); "
+        + (accepted or "the graph is fixed by example_inputs, so pass every argument you will call with "
+                       "(labels included) in example_inputs when compiling")
+    )
 
 
 def _restore_train_eval(gm: GraphModule) -> None:

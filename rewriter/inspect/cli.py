@@ -28,6 +28,7 @@ import peftfx
 from peftfx.errors import PeftfxError, PlanError, TraceError
 from peftfx.inspect.model_source import UsageError, model_from_spec
 from peftfx.optim import OPTIMIZER_NAMES  # torch-free: the package exports lazily
+from peftfx.serve.generate_cli import add_generate_command  # the command's code lives in peftfx.serve
 
 __all__ = ["main", "build_parser"]
 
@@ -119,7 +120,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftfx", description="Inspect what a peftfx plan rewrites and "
                                      "estimate the memory of training with it.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes,generate}")
     model_help = "package.module:function returning (model, example_inputs), a HF model folder, or a config.json"
 
     p = sub.add_parser("inspect", help="show what each pass did to MODEL under PLAN")
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list the registered passes and the plan sections they serve")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_passes)
+
+
+    add_generate_command(sub, _positive)
     return parser
 
 
