@@ -221,7 +221,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftfx", description="Inspect what a peftfx plan rewrites and "
                                      "estimate the memory of training with it.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes,scaling}")
     model_help = "package.module:function returning (model, example_inputs), a HF model folder, or a config.json"
 
     p = sub.add_parser("inspect", help="show what each pass did to MODEL under PLAN")
@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list the registered passes and the plan sections they serve")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_passes)
+
+    from peftfx.scaling.cli import add_scaling_parser
+
+    add_scaling_parser(sub)  # `peftfx scaling fit runs.csv` (issue 17)
     return parser
 
 
