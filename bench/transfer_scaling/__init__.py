@@ -2,7 +2,7 @@
 
 Reproduces the set-up of Hernandez et al. (2021), "Scaling Laws for Transfer", at CPU scale:
 
-1. pre-train byte-level Llama decoders of 4 sizes (12.6k .. 458k non-embedding parameters, 36x) on
+1. pre-train byte-level Llama decoders of 4 sizes (7.0k .. 332k non-embedding parameters, 47x) on
    Shakespeare's plays (cached by content hash, see :mod:`.models`);
 2. train the same sizes from scratch on Python (this interpreter's standard library, split by file)
    at 6 dataset sizes (1k .. 300k tokens): the data -> loss curves;
@@ -12,15 +12,17 @@ Reproduces the set-up of Hernandez et al. (2021), "Scaling Laws for Transfer", a
 5. the ``transfer_scaling`` section of bench/RESULTS.md, bench/transfer_scaling.png and the runs
    as CSV (bench/transfer_scaling_runs.csv: refit with ``peftfx scaling fit ... --by method``).
 
-    python -m bench.transfer_scaling [--quick] [--workers 2] [--cache-dir DIR]
+    python -m bench.transfer_scaling [--quick] [--workers 2] [--cache-dir DIR] [--time-limit MIN]
 
-The full run takes ~15-25 min on 2 cores (other jobs running); ``--quick`` (3 tiny sizes, 3 data
-sizes, <= 150 steps per run) takes about a minute and writes under out/transfer_scaling_quick/ unless
-told otherwise.
+The full run takes ~10 CPU-minutes per worker (2 workers; longer while other jobs share the cores:
+``--time-limit MIN`` stops starting new runs and reports what finished, smallest models first);
+``--quick`` (3 tiny sizes, 3 data sizes, <= 200 steps per run) takes about a CPU-minute and writes
+under out/transfer_scaling_quick/ unless told otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -44,6 +46,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, help="worker processes, 1 thread each (default 2; 1 with --quick)")
     ap.add_argument("--cache-dir", help="pre-trained model cache (default $PEFTFX_TRANSFER_CACHE or "
                     "~/.cache/peftfx/transfer_scaling)")
+    ap.add_argument("--time-limit", type=float, metavar="MIN",
+                    help="start no new run after MIN minutes; what finished is analysed and reported")
     ap.add_argument("--out", help="RESULTS.md to write the section into")
     ap.add_argument("--plot", help="figure path")
     ap.add_argument("--csv", help="runs CSV path")
@@ -62,9 +66,11 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     print(f"transfer scaling ({'quick' if args.quick else 'full'}): {len(settings.sizes)} sizes, "
           f"{workers} worker(s), cache {cache}")
-    rows, infos = run_all(settings, cache, workers)
+    deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
+    rows, infos = run_all(settings, cache, workers, deadline=deadline)
+    cut = time.time() > deadline
     transfer = analysis.transfer_rows(rows)
-    fits = analysis.fit_methods(transfer, settings.n_bootstrap, settings.seed)
+    fits, extrapolated_used = analysis.fit_methods(transfer, settings.n_bootstrap, settings.seed)
     seconds = time.perf_counter() - start
     load_after = os.getloadavg()
 
@@ -74,6 +80,8 @@ def main(argv=None) -> dict:
     report.plot(plot_path, transfer, fits, scratch, curves)
     s = settings
     cached = sum(1 for i in infos.values() if i.get("cached"))
+    cut_text = (f", CUT SHORT by --time-limit {args.time_limit:g} min: only the {len(rows)} runs listed below finished"
+                if cut else "")
     sizes_text = ", ".join(f"{name} {info['N']:,}" for name, info in infos.items())
     body = f"""## Scaling laws for transfer, in miniature (text -> Python)
 
@@ -87,13 +95,13 @@ three ways: full (lr {s.finetune['full'].lr:g}), LoRA r=8 on all 7 projections (
 QLoRA (same LoRA; block 64, double quant), both compiled by `peftfx.compile`. Every run: AdamW, early
 stopping on validation (every {s.scratch.eval_every} steps, patience {s.scratch.patience}, at most
 {s.scratch.max_steps} steps of {s.scratch.batch}x{s.scratch.seq} bytes), test loss reported (nats/byte). D_T = D_E - D_F with D_E interpolated in log-log on each size's
-scratch curve (lower envelope); fits use interpolated runs with D_T > 0 (`peftfx.scaling.fit_transfer`,
-{s.n_bootstrap} bootstrap resamples). Wall time {seconds / 60:.1f} min with {workers} worker process(es)
-({cached}/{len(infos)} pre-trained models from the cache); load average {' '.join(f'{x:.1f}' for x in load_before)}
+scratch curve (lower envelope); fits use interpolated runs with D_T > 0, and the extrapolated ones too
+where fewer than 5 are interpolated (`peftfx.scaling.fit_transfer`, {s.n_bootstrap} bootstrap resamples). Wall time {seconds / 60:.1f} min with {workers} worker process(es)
+({cached}/{len(infos)} pre-trained models from the cache){cut_text}; load average {' '.join(f'{x:.1f}' for x in load_before)}
 at the start, {' '.join(f'{x:.1f}' for x in load_after)} at the end: other engineers' jobs shared the 2 cores.
 Refit: `peftfx scaling fit {csv_path.name} --by method --skip-ossified` (extrapolated runs included there).
 
-{report.fits_table(fits, transfer)}
+{report.fits_table(fits, transfer, extrapolated_used)}
 
 {report.ossification_text(transfer)}
 

@@ -4,8 +4,9 @@ Per model size, the scratch curve is the lower envelope of its from-scratch (D, 
 (:func:`peftfx.scaling.lower_envelope`: a point that does not improve on a smaller D is dropped and
 counted). Each fine-tuned loss is placed on it: interpolated when inside the curve's loss range;
 outside it, the end segment's power law is extrapolated and the run is flagged ``extrapolated``.
-D_T <= 0 is ossification. The fit per method uses the runs with D_T > 0 that were interpolated:
-extrapolated D_E values past a flattening curve can be arbitrarily large, so they are shown, not fitted.
+D_T <= 0 is ossification. The fit per method uses the runs with D_T > 0 that were interpolated
+(extrapolated D_E values past a flattening curve can be arbitrarily large), unless fewer than 5 are
+left: then the extrapolated runs join, and the table says how many.
 """
 from __future__ import annotations
 
@@ -49,13 +50,22 @@ def transfer_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def fit_methods(transfer: list[dict], n_bootstrap: int, seed: int = 0) -> dict[str, TransferFit | str]:
-    """``{method: fit}``, or ``{method: why it could not be fitted}``."""
+def fit_methods(transfer: list[dict], n_bootstrap: int, seed: int = 0) -> tuple[dict, dict[str, int]]:
+    """``({method: fit or why it could not be fitted}, {method: extrapolated runs in its fit})``.
+
+    Interpolated runs with D_T > 0 first; when fewer than 5 of them are left (3 parameters need a
+    few spare runs), the extrapolated ones join and the count says so.
+    """
     fits: dict[str, TransferFit | str] = {}
+    extrapolated_used: dict[str, int] = {}
     for method in dict.fromkeys(t["method"] for t in transfer):
-        usable = [t for t in transfer if t["method"] == method and not t["extrapolated"] and not t["ossified"]]
+        positive = [t for t in transfer if t["method"] == method and not t["ossified"]]
+        usable = [t for t in positive if not t["extrapolated"]]
+        if len(usable) < 5:
+            usable = positive
+        extrapolated_used[method] = sum(t["extrapolated"] for t in usable)
         try:
             fits[method] = fit_transfer(usable, n_bootstrap=n_bootstrap, seed=seed)
         except ScalingError as exc:
             fits[method] = f"not fitted: {exc}"
-    return fits
+    return fits, extrapolated_used

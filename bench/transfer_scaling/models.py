@@ -41,6 +41,8 @@ class ModelSize:
 
     def config(self, seq: int) -> dict:
         heads = max(1, self.hidden // 40)
+        while self.hidden % heads:  # heads of ~40 dims that divide the width
+            heads -= 1
         return {"vocab_size": VOCAB, "hidden_size": self.hidden, "intermediate_size": (self.hidden * 8 // 3 + 7) // 8 * 8,
                 "num_hidden_layers": self.layers, "num_attention_heads": heads, "num_key_value_heads": heads,
                 "max_position_embeddings": max(128, seq), "tie_word_embeddings": True, "rms_norm_eps": 1e-5}

@@ -18,9 +18,10 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def fits_table(fits: dict, transfer: list[dict]) -> str:
-    header = ["method", "k [95% CI]", "alpha [95% CI]", "beta [95% CI]", "10x model = data x", "fitted runs",
-              "ossified", "extrapolated", "R^2"]
+def fits_table(fits: dict, transfer: list[dict], extrapolated_used: dict[str, int]) -> str:
+    """One row per method beside the paper's; "fitted runs" counts those in the fit (of which extrapolated)."""
+    header = ["method", "k [95% CI]", "alpha [95% CI]", "beta [95% CI]", "10x model = data x",
+              "fitted runs (extrapolated)", "ossified", "extrapolated", "R^2"]
     p = PAPER_TEXT_TO_PYTHON
     rows = [["paper, text -> Python (Hernandez et al. 2021)", _g(p["k"]), _g(p["alpha"]), _g(p["beta"]),
              _g(10 ** (p["beta"] / p["alpha"])), "", "", "", ""]]
@@ -30,7 +31,8 @@ def fits_table(fits: dict, transfer: list[dict]) -> str:
         if isinstance(fit, TransferFit):
             rows.append([_LABEL.get(method, method), f"{_g(fit.k)} {fit.k_interval}", f"{_g(fit.alpha)} {fit.alpha_interval}",
                          f"{_g(fit.beta)} {fit.beta_interval}", f"{_g(fit.data_per_10x_model)} {fit.tradeoff_interval}",
-                         f"{fit.n_runs}/{len(mine)}", *counts, f"{fit.r_squared:.2f}"])
+                         f"{fit.n_runs}/{len(mine)} ({extrapolated_used.get(method, 0)})", *counts,
+                         f"{fit.r_squared:.2f}"])
         else:
             rows.append([_LABEL.get(method, method), fit, "", "", "", f"0/{len(mine)}", *counts, ""])
     return markdown_table(header, rows)
@@ -86,6 +88,8 @@ def plot(path: Path, transfer: list[dict], fits: dict, scratch: list[dict], curv
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not transfer:  # a run cut short before any fine-tune finished: nothing to draw
+        return
     methods = list(dict.fromkeys(t["method"] for t in transfer))
     sizes = list(dict.fromkeys(t["size"] for t in sorted(transfer, key=lambda t: t["N"])))
     colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, max(1, len(sizes))))))

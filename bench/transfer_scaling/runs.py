@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
+import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ class Job:
     size: ModelSize
     arm: str  # "pretrain", "scratch" or a method
     cache: str
+    deadline: float = math.inf  # time.time() after which no new dataset size starts
 
 
 def _data(settings: Settings):
@@ -59,7 +62,10 @@ def _row(job: Job, n_params: int, tokens: int, res: RunResult, trainable: int) -
 
 
 def run_job(job: Job) -> tuple[Job, list[dict], dict]:
-    """Run every dataset size of ``job``; returns (job, rows, info about the pre-trained model)."""
+    """Run every dataset size of ``job``; returns (job, rows, info about the pre-trained model).
+
+    Past ``job.deadline`` (``time.time()``), no further dataset size is started: the rows so far return.
+    """
     torch.set_num_threads(1)
     s = job.settings
     source, source_digest, split = _data(s)
@@ -68,10 +74,14 @@ def run_job(job: Job) -> tuple[Job, list[dict], dict]:
         init_seed = _seed(s.seed, job.size, "scratch")
         n_params = non_embedding_params(build_model(job.size, s.scratch.seq, init_seed))
         for tokens in s.scratch_sizes:
+            if time.time() > job.deadline:
+                break
             model = build_model(job.size, s.scratch.seq, init_seed)
             res = train_early_stopped(model, model.parameters(), split.train_tokens(tokens), split.val, split.test,
                                       s.scratch, _seed(s.seed, job.size, "scratch", tokens))
             rows.append(_row(job, n_params, tokens, res, sum(p.numel() for p in model.parameters())))
+        return job, rows, {}
+    if time.time() > job.deadline:
         return job, rows, {}
     base, info = pretrained(job.size, source, source_digest, s.pretrain, s.seed, Path(job.cache))
     n_params = non_embedding_params(base)
@@ -79,6 +89,8 @@ def run_job(job: Job) -> tuple[Job, list[dict], dict]:
         return job, rows, {**info, "N": n_params}
     prepared = prepare(job.arm, base, s.finetune[job.arm].seq)
     for tokens in s.finetune_sizes:
+        if time.time() > job.deadline:
+            break
         prepared.reset()
         res = train_early_stopped(prepared.model, prepared.params, split.train_tokens(tokens), split.val, split.test,
                                   s.finetune[job.arm], _seed(s.seed, job.size, job.arm, tokens))
@@ -86,51 +98,50 @@ def run_job(job: Job) -> tuple[Job, list[dict], dict]:
     return job, rows, info
 
 
-def _cost(job: Job) -> float:
-    """Rough relative cost (largest first keeps the workers busy to the end)."""
-    runs = len(job.settings.scratch_sizes if job.arm == "scratch" else job.settings.finetune_sizes)
-    return job.size.hidden ** 2 * job.size.layers * runs
+_ARM_ORDER = ("pretrain", "scratch", *METHODS)
 
 
-def run_all(settings: Settings, cache: Path, workers: int, log: Callable[[str], None] = print
-            ) -> tuple[list[dict], dict[str, dict]]:
+def run_all(settings: Settings, cache: Path, workers: int, *, deadline: float = math.inf,
+            log: Callable[[str], None] = print) -> tuple[list[dict], dict[str, dict]]:
     """All runs of ``settings``: rows and ``{size name: pre-training info}``.
 
-    Pre-training jobs and scratch jobs start first; a size's fine-tuning jobs start once its
-    pre-trained model is cached. ``workers == 1`` runs everything in this process.
+    Jobs go smallest model first, in the order pre-train, scratch, full, LoRA, QLoRA (a size's
+    fine-tunes wait for its pre-trained model), at most ``workers`` at a time (``1``: in this
+    process). Smallest-first means that a run cut short by ``deadline`` (``time.time()``) still
+    leaves whole sizes to fit; the jobs left then return no rows.
     """
-    sizes = sorted(settings.sizes, key=lambda z: -z.hidden ** 2 * z.layers)
-    first = [Job(settings, z, "pretrain", str(cache)) for z in sizes]
-    first += sorted((Job(settings, z, "scratch", str(cache)) for z in sizes), key=_cost, reverse=True)
+    sizes = sorted(settings.sizes, key=lambda z: z.hidden ** 2 * z.layers)
+    ready = [Job(settings, z, arm, str(cache), deadline) for z in sizes for arm in ("pretrain", "scratch")]
     rows: list[dict] = []
     infos: dict[str, dict] = {}
 
-    def done(job: Job, out: list[dict], info: dict) -> list[Job]:
+    def done(job: Job, out: list[dict], info: dict) -> None:
         rows.extend(out)
-        if job.arm == "pretrain":
+        if job.arm == "pretrain" and info:
             origin = "from cache" if info.get("cached") else f"{info['seconds']:.0f} s"
             log(f"  {job.size.name:>7} pre-trained ({origin}), train loss {info['train_loss']:.3f}")
-        else:
+            infos[job.size.name] = info
+            ready.extend(Job(settings, job.size, m, str(cache), deadline) for m in METHODS)
+        elif out:
             log(f"  {job.size.name:>7} {job.arm:<7} " + " ".join(f"D={r['D']}:{r['test_loss']:.3f}" for r in out))
-        if job.arm != "pretrain":
-            return []
-        infos[job.size.name] = info
-        return [Job(settings, job.size, m, str(cache)) for m in METHODS]
+
+    def next_job() -> Job:
+        ready.sort(key=lambda j: (sizes.index(j.size), _ARM_ORDER.index(j.arm)))
+        return ready.pop(0)
 
     if workers <= 1:
-        queue = list(first)
-        while queue:
-            queue += done(*run_job(queue.pop(0)))
+        while ready:
+            done(*run_job(next_job()))
         return rows, infos
     import multiprocessing
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # spawned workers inherit it before torch starts its pool
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(run_job, job) for job in first}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        running: set = set()
+        while ready or running:
+            while ready and len(running) < workers:
+                running.add(pool.submit(run_job, next_job()))
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
-                for job in sorted(done(*fut.result()), key=_cost, reverse=True):
-                    pending.add(pool.submit(run_job, job))
+                done(*fut.result())
     return rows, infos
-

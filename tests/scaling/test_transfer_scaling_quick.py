@@ -14,6 +14,7 @@ from bench.transfer_scaling import main  # noqa: E402
 from peftfx.scaling import TransferFit, read_runs  # noqa: E402
 
 
+@pytest.mark.slow  # about a CPU-minute: still part of `make test`
 def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTFX_TRANSFER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "RESULTS.md"
@@ -35,6 +36,21 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert "Ossification" in text or "No run showed ossification" in text
     assert (tmp_path / "t.png").stat().st_size > 0
     runs = read_runs(tmp_path / "runs.csv")
-    assert len(runs) == len(result["transfer"]) == 3 * 3 * 3  # methods x sizes x D_F
+    assert len(runs) == len(result["transfer"]) == 3 * 3 * 5  # methods x sizes x D_F
     cached = sorted(p.name for p in (tmp_path / "cache").glob("pretrained-*.pt"))
     assert len(cached) == 3 and all(len(name.split("-")[-1]) == len("0123456789abcdef0123.pt") for name in cached)
+
+
+def test_cache_key_changes_with_config_data_schedule_and_seed():
+    import dataclasses
+
+    from bench.transfer_scaling.models import ModelSize, pretrain_key
+    from bench.transfer_scaling.settings import QUICK
+
+    size, sched = QUICK.sizes[0], QUICK.pretrain
+    key = pretrain_key(size, "abc", sched, 0)
+    assert key == pretrain_key(size, "abc", sched, 0)
+    others = {pretrain_key(ModelSize(size.hidden, size.layers + 1), "abc", sched, 0),
+              pretrain_key(size, "abd", sched, 0), pretrain_key(size, "abc", dataclasses.replace(sched, lr=1e-4), 0),
+              pretrain_key(size, "abc", sched, 1)}
+    assert key not in others and len(others) == 4
