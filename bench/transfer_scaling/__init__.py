@@ -16,7 +16,7 @@ Reproduces the set-up of Hernandez et al. (2021), "Scaling Laws for Transfer", a
 
 The full run takes ~10 CPU-minutes per worker (2 workers; longer while other jobs share the cores:
 ``--time-limit MIN`` stops starting new runs and reports what finished, smallest models first);
-``--quick`` (3 tiny sizes, 3 data sizes, <= 200 steps per run) takes about a CPU-minute and writes
+``--quick`` (3 tiny sizes, 4 data sizes, <= 150-300 steps per run) takes 1-2 CPU-minutes and writes
 under out/transfer_scaling_quick/ unless told otherwise.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     from peftfx.scaling import TransferFit, write_runs
 
     ap = argparse.ArgumentParser(prog="python -m bench.transfer_scaling", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (1-2 CPU-minutes)")
     ap.add_argument("--workers", type=int, help="worker processes, 1 thread each (default 2; 1 with --quick)")
     ap.add_argument("--cache-dir", help="pre-trained model cache (default $PEFTFX_TRANSFER_CACHE or "
                     "~/.cache/peftfx/transfer_scaling)")
@@ -54,11 +54,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
     default_dir = Path("out/transfer_scaling_quick") if args.quick else _BENCH
-    if args.quick:
-        default_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else (default_dir / "RESULTS.md" if args.quick else RESULTS)
     plot_path = Path(args.plot) if args.plot else default_dir / "transfer_scaling.png"
     csv_path = Path(args.csv) if args.csv else default_dir / "transfer_scaling_runs.csv"
+    for path in (out, plot_path, csv_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     workers = args.workers or (1 if args.quick else 2)
     cache = cache_dir(args.cache_dir)
 

@@ -87,6 +87,7 @@ def plot(path: Path, transfer: list[dict], fits: dict, scratch: list[dict], curv
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     if not transfer:  # a run cut short before any fine-tune finished: nothing to draw
         return
@@ -102,10 +103,9 @@ def plot(path: Path, transfer: list[dict], fits: dict, scratch: list[dict], curv
             if not pts:
                 continue
             n = pts[0]["N"]
-            for i, t in enumerate(pts):
+            for t in pts:
                 marker = "x" if t["ossified"] else ("^" if t["extrapolated"] else "o")
-                ax.scatter(t["D_F"], max(t["D_T"], 1.0), color=colors[size], marker=marker, s=30,
-                           label=f"{size} (N={n:,})" if i == 0 else None)
+                ax.scatter(t["D_F"], max(t["D_T"], 1.0), color=colors[size], marker=marker, s=30)
             if isinstance(fit, TransferFit):
                 ax.plot(d_grid, fit.predict(n, d_grid), color=colors[size])
         title = _LABEL.get(method, method)
@@ -113,7 +113,9 @@ def plot(path: Path, transfer: list[dict], fits: dict, scratch: list[dict], curv
             title += f"\nalpha={fit.alpha:.2f}, beta={fit.beta:.2f}, k={fit.k:.2g}"
         ax.set(xscale="log", yscale="log", xlabel="D_F (fine-tuning tokens)", ylabel="D_T (effective data transferred)",
                title=title)
-        ax.legend(fontsize=7, title="o interpolated, ^ extrapolated, x D_T<=0 (at 1)", title_fontsize=7)
+        handles = [Line2D([], [], color=colors[z], marker="o", label=z) for z in sizes]
+        ax.legend(handles=handles, fontsize=7, title="o interpolated, ^ extrapolated, x D_T<=0 (at 1)",
+                  title_fontsize=7)
     ax = axes[1][0]
     for size in sizes:
         pts = sorted((r["D"], r["test_loss"]) for r in scratch if r["size"] == size)

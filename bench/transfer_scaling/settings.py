@@ -48,11 +48,11 @@ FULL = Settings(
 QUICK = Settings(
     sizes=(ModelSize(16, 2), ModelSize(24, 2), ModelSize(32, 2)),  # 6.7k .. 25k
     # where these tiny models still gain from pre-training; below ~3k and above ~20k tokens they ossify
-    finetune_sizes=(3_000, 5_000, 8_000, 12_000, 18_000),
-    scratch_sizes=(2_000, 8_000, 32_000, 128_000),
+    finetune_sizes=(3_000, 5_000, 8_000, 12_000),
+    scratch_sizes=(2_000, 8_000, 32_000, 96_000),
     pretrain=Schedule(lr=5e-3, max_steps=600, warmup=20),
-    scratch=Schedule(lr=3e-3, max_steps=400, eval_every=20, patience=3, batch=8),
-    finetune={m: Schedule(lr=lr, max_steps=200, eval_every=20, patience=3, batch=8)
+    scratch=Schedule(lr=3e-3, max_steps=300, eval_every=20, patience=3, batch=8),
+    finetune={m: Schedule(lr=lr, max_steps=150, eval_every=20, patience=3, batch=8)
               for m, lr in (("full", 1e-3), ("lora", 3e-3), ("qlora", 3e-3))},
     heldout_windows=16,
     n_bootstrap=500,

@@ -36,7 +36,7 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert "Ossification" in text or "No run showed ossification" in text
     assert (tmp_path / "t.png").stat().st_size > 0
     runs = read_runs(tmp_path / "runs.csv")
-    assert len(runs) == len(result["transfer"]) == 3 * 3 * 5  # methods x sizes x D_F
+    assert len(runs) == len(result["transfer"]) == 3 * 3 * 4  # methods x sizes x D_F
     cached = sorted(p.name for p in (tmp_path / "cache").glob("pretrained-*.pt"))
     assert len(cached) == 3 and all(len(name.split("-")[-1]) == len("0123456789abcdef0123.pt") for name in cached)
 
