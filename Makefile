@@ -7,7 +7,7 @@ PLAN    ?= plans/minilm_nf4_lora.toml
 TORCH_PIN  ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 
-.PHONY: demo test test-fast bench aot-check setup clean
+.PHONY: demo test test-fast test-slow bench aot-check setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m examples.demo --plan $(PLAN)
 
+# The default suite: every behaviour, with a representative subset of the long sweeps (< 10 min on
+# 2 cores). The sweeps themselves (every model family, every format, the transfer-scaling --quick run,
+# bench smoke runs) are marked slow and run with `make test-slow`.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests -m "not slow"
+
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 tests -m slow
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -x tests -m "not slow"

@@ -4,7 +4,8 @@ Messages name the offending layer / key / value and say what to do about it.
 """
 from __future__ import annotations
 
-__all__ = ["PeftfxError", "PlanError", "TraceError", "RewriteError", "KernelError", "CheckpointError"]
+__all__ = ["PeftfxError", "PlanError", "TraceError", "RewriteError", "KernelError", "CheckpointError",
+           "ScalingError"]
 
 
 class PeftfxError(Exception):
@@ -13,6 +14,14 @@ class PeftfxError(Exception):
 
 class PlanError(PeftfxError, ValueError):
     """The plan is malformed or does not fit the model (bad value, pattern matching nothing)."""
+
+
+class ScalingError(PlanError):
+    """Bad measurements for :mod:`peftfx.scaling` (sizes, losses, a runs CSV, a scratch curve).
+
+    A PlanError subclass so ``except PlanError``/``ValueError`` and the CLI's exit code 2 keep
+    working, but its own class because the offending input is measured data, not a plan.
+    """
 
 
 class TraceError(PeftfxError, RuntimeError):

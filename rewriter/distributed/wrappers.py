@@ -25,7 +25,7 @@ Three things PyTorch does not do for us, and this module does:
 2. **FSDP2 sharding of an exported graph.** The graph reads block parameters with ``get_attr``
    instead of calling the block modules, so ``fully_shard`` on ``model.layers.N`` alone would
    never fire its hooks. :func:`shard` first outlines each block into a submodule the root graph
-   calls (``peftfx.blocks.outline_blocks``: same names, same ops), then shards each block and
+   calls (``peftfx.distributed.blocks.outline_blocks``: same names, same ops), then shards each block and
    then the root, after broadcasting rank 0's tensors (FSDP2 has no ``sync_module_states``:
    LoRA A is randomly initialized on each rank).
 3. **Saving from FSDP2.** :func:`full_adapter_state_dict` gathers the trainable parameters
@@ -191,7 +191,7 @@ def shard(gm: nn.Module, *, mesh: Any = None, mp_policy: Any = None, reshard_aft
 
     The exported graph reads every block's parameters directly (``get_attr``) rather than calling
     the block, so the blocks are first outlined into submodules the root graph calls, registered
-    at their own paths (``peftfx.blocks.outline_blocks``: parameter names, tensors, ops and
+    at their own paths (``peftfx.distributed.blocks.outline_blocks``: parameter names, tensors, ops and
     results are unchanged). Each block (``model.layers.N``) then becomes its own FSDP group,
     gathered just before it runs and resharded after, and the root group holds the rest
     (embeddings, final norm, head). Adapter gradients are reduce-scattered, so optimizer state is

@@ -28,6 +28,7 @@ import peftfx
 from peftfx.errors import PeftfxError, PlanError, TraceError
 from peftfx.inspect.model_source import UsageError, model_from_spec
 from peftfx.optim import OPTIMIZER_NAMES  # torch-free: the package exports lazily
+from peftfx.scaling.cli import add_scaling_parser
 from peftfx.serve.generate_cli import add_generate_command  # the command's code lives in peftfx.serve
 
 __all__ = ["main", "build_parser"]
@@ -120,7 +121,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftfx", description="Inspect what a peftfx plan rewrites and "
                                      "estimate the memory of training with it.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,estimate,passes,generate,scaling}")
     model_help = "package.module:function returning (model, example_inputs), a HF model folder, or a config.json"
 
     p = sub.add_parser("inspect", help="show what each pass did to MODEL under PLAN")
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     add_generate_command(sub, _positive)
+    add_scaling_parser(sub)  # `peftfx scaling fit runs.csv`
     return parser
 
 

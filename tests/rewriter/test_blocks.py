@@ -1,4 +1,4 @@
-"""peftfx.blocks: outlining transformer blocks into called submodules is exact and keeps every name."""
+"""peftfx.distributed.blocks: outlining transformer blocks into called submodules is exact and keeps every name."""
 from __future__ import annotations
 
 import copy

@@ -1,7 +1,7 @@
 """Memory planner: exact quantized bytes, estimates vs. measured peaks, a 7B config on fake tensors.
 
 The measured peak of a training step is taken from the torch profiler's allocator events
-(``peftfx.estimate.measure_peak``): ``profile(profile_memory=True)`` logs every CPU allocation and
+(``peftfx.memory.allocator.measure_peak``): ``profile(profile_memory=True)`` logs every CPU allocation and
 free with its size; the running sum's maximum during a step (forward, backward, AdamW step,
 ``zero_grad``), plus the bytes alive before it (parameters, buffers, inputs, optimizer state from a
 warm-up step), is the peak. The estimate must be within 15% of it.

@@ -1,0 +1,3 @@
+from bench.transfer_scaling import main
+
+main()

