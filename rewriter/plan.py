@@ -15,6 +15,10 @@ matched against module names (FQNs such as ``model.layers.0.self_attn.q_proj``):
   ``...self_attn.q_proj``, but ``layers.1.mlp`` does not match ``layers.11.mlp``.
 
 This module imports no torch: resolution is a pure function of the plan and a module name.
+
+(Over 400 lines on purpose: the plan is one public schema, every section spec, the rules and their
+resolution, read top to bottom beside the plan reference in the README; parsing and value checks
+live in :mod:`peftfx.plan_io`.)
 """
 from __future__ import annotations
 
