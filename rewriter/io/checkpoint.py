@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from peftfx import __version__
 from peftfx.api import trainable_parameters
-from peftfx.distributed.base_sharding import full_tensor, gathered_state_dict, local_slice, local_tensor
+from peftfx.distributed.base_sharding import full_tensor, gathered_state_dict, is_sharded, local_slice, local_tensor
 from peftfx.errors import CheckpointError
 from peftfx.kernels.modules import qlora_layers
 
@@ -70,10 +70,6 @@ def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
-def _sharded(gm: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in gm.parameters())
-
-
 def _whole(t: Tensor) -> Tensor:
     """``t`` as a full plain tensor; an FSDP2 shard is all-gathered (collective, same order on every rank)."""
     if isinstance(t, DTensor):
@@ -83,12 +79,12 @@ def _whole(t: Tensor) -> Tensor:
 
 def _is_writer(gm: nn.Module) -> bool:
     """Rank 0 writes a sharded model's files; a plain model's caller always writes."""
-    return not (_sharded(gm) and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+    return not (is_sharded(gm) and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def _meet(gm: nn.Module) -> None:
     """After a sharded save, no rank returns before the file exists."""
-    if _sharded(gm) and dist.is_available() and dist.is_initialized():
+    if is_sharded(gm) and dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
@@ -392,7 +388,7 @@ def save_model(gm: nn.Module, path: str | os.PathLike) -> Path:
     writes the single-process file (rank 0's host then holds the whole state once).
     """
     path = Path(path)
-    if _sharded(gm):
+    if is_sharded(gm):
         state = gathered_state_dict(gm)  # ties stay one tensor: stored once, as in one process
     else:
         state = gm.state_dict()

@@ -36,11 +36,12 @@ from torch.fx import GraphModule
 from peftfx.errors import PeftfxError
 from peftfx.kernels.multi_lora import MultiLoRALinear
 from peftfx.recapture import recapture, source_model
+from peftfx.serve.multi_adapter import IDS_ARG
 
 __all__ = ["GenerationError", "CacheGeometry", "cache_geometry", "check_decoder", "step_graph", "new_cache",
            "is_multi", "IDS_INPUT"]
 
-IDS_INPUT = "adapter_ids"
+IDS_INPUT = IDS_ARG  # the keyword a multi-adapter module takes its per-row adapter ids by
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, GraphModule]" = weakref.WeakKeyDictionary()
 
 
