@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftfx.emit import PLAN_KEY
 from peftfx.errors import CheckpointError
 from peftfx.io.checkpoint import read_safetensors
 from peftfx.kernels.modules import qlora_layers
@@ -94,6 +95,8 @@ def lora_config_fields(gm: nn.Module) -> dict[str, Any]:
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     dropout = Counter(getattr(m.lora_dropout, "p", 0.0) for m in layers.values()).most_common(1)[0][0]
     kinds = _site_kinds(gm)
+    plan = getattr(gm, "meta", {}).get(PLAN_KEY)
+    init = plan.lora.init if plan is not None and plan.lora is not None else "default"
     return {
         "r": r,
         "lora_alpha": alpha,
@@ -104,6 +107,8 @@ def lora_config_fields(gm: nn.Module) -> dict[str, Any]:
         "fan_in_fan_out": any(kinds.get(f) == "addmm" for f in layers),
         "rank_pattern": {f: v for f, v in ranks.items() if v != r},
         "alpha_pattern": {f: v for f, v in alphas.items() if v != alpha},
+        # PEFT's spelling: True is Kaiming-uniform A (our "default"); other inits keep their name
+        "init_lora_weights": True if init == "default" else init,
     }
 
 

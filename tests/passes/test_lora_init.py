@@ -1,6 +1,7 @@
 """lora.init is honoured by compile (and by multi-adapter) with PEFT's semantics; prefix.init is checked."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -84,3 +85,13 @@ def test_unknown_inits_are_refused_with_the_allowed_values():
         peftfx.Plan.from_dict({"targets": ["up"], "lora": {"init": "pissa"}})
     with pytest.raises(PlanError, match="prefix.init.*'random'"):
         peftfx.Plan.from_dict({"prefix": {"tokens": 2, "init": "gaussian"}})
+
+
+@pytest.mark.parametrize(("init", "written"), [("default", True), ("gaussian", "gaussian")])
+def test_export_records_the_plan_init_in_peft_spelling(tmp_path, init, written):
+    """adapter_config.json says how A started, as PEFT's own save does (it used to say True always)."""
+    plan = {"targets": ["up", "down"], "lora": {"r": 2, "init": init}}
+    gm = peftfx.compile(TwoLinears(), plan, example_inputs=(torch.randn(3, 256),))
+    peftfx.export_peft(gm, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg.get("init_lora_weights", True) == written
