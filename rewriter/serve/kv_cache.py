@@ -37,6 +37,7 @@ from peftfx.errors import PeftfxError
 from peftfx.kernels.multi_lora import MultiLoRALinear
 from peftfx.recapture import recapture, source_model
 from peftfx.serve.multi_adapter import IDS_ARG
+from peftfx.serve.step_rewrite import call_linears_directly, drop_no_op_nodes
 
 __all__ = ["GenerationError", "CacheGeometry", "cache_geometry", "check_decoder", "step_graph", "new_cache",
            "is_multi", "IDS_INPUT"]
@@ -212,5 +213,7 @@ def step_graph(gm: GraphModule) -> GraphModule:
     step = recapture(gm, _step_view(model), example, dynamic_shapes=dynamic, skip_sections=("prefix", "prompt"))
     if multi:
         _route_ids(step)
+    drop_no_op_nodes(step)  # the step runs once per token: no per-call Python that does no math
+    call_linears_directly(step)
     _STEPS[gm] = step
     return step
