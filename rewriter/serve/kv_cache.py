@@ -13,7 +13,11 @@ exported graph keeps the in-place op, so a step copies nothing but the new K/V).
 and ``L`` are dynamic: one graph serves prefill (S = prompt length) and decode (S = 1) for every
 batch size and cache length. The cache is a :class:`GraphKVCache` built inside the traced forward
 around the input tensors (``GraphKVCache``, made by ``_cache_classes``); the attention mask is the model's own (``create_causal_mask`` over slot
-indices, padding from ``attention_mask``), positions are the explicit ``position_ids``.
+indices, padding from ``attention_mask``), positions are the explicit ``position_ids``. ``L`` may be
+a prefix view of a longer cache (``cache[:, :, :L]``, what :mod:`peftfx.serve.generation` passes: the
+slots written so far), so attention reads only those; the writes land in the full cache.
+
+After capture, :mod:`peftfx.serve.step_rewrite` removes the per-token Python that does no math.
 
 The step graph starts at ``inputs_embeds`` because prompt tuning prepends its soft prompt to the
 embeddings and prefix tuning writes its prefixes into cache slots: both happen outside the graph

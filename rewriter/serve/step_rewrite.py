@@ -59,6 +59,13 @@ def _is_identity_to(node: Node) -> bool:
             and src.layout == out.layout)
 
 
+def _recompiled(gm: GraphModule, changes: int) -> int:
+    if changes:
+        gm.graph.lint()
+        gm.recompile()
+    return changes
+
+
 def drop_no_op_nodes(gm: GraphModule) -> int:
     """Remove identity ``aten.to`` nodes and unused ``_assert_tensor_metadata`` checks; returns how many."""
     dropped = 0
@@ -72,10 +79,7 @@ def drop_no_op_nodes(gm: GraphModule) -> int:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             dropped += 1
-    if dropped:
-        gm.graph.lint()
-        gm.recompile()
-    return dropped
+    return _recompiled(gm, dropped)
 
 
 def _storage(m: QLoRALinear) -> tuple[Tensor | None, ...]:
@@ -109,7 +113,4 @@ def call_linears_directly(gm: GraphModule) -> int:
         node.replace_all_uses_with(direct)
         gm.graph.erase_node(node)
         changed += 1
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
+    return _recompiled(gm, changed)
