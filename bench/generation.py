@@ -11,8 +11,8 @@ decoder linears in NF4 (block 64, double quant), LoRA r=16 on q,v with random no
 
 Tokens/s are medians of ``--reps`` interleaved rounds (``bench.common.interleaved``); beside the wall-time
 ratio, the ratio of the contenders' median CPU (thread) time, which other jobs on a shared machine
-disturb less. Per-step time is read from a streamer's timestamps: the median of the 8 decode steps
-around token 8 and around token 120 of peftfx's decode. Mixed multi-adapter
+disturb less. Per-step time is read from a streamer's timestamps (wall clock and CPU time): the median of
+the 8 decode steps around token 8 and around token 120 of peftfx's decode. Mixed multi-adapter
 batch: ``compile_multi`` with 4 adapters, batch 8 (2 rows each) in one ``generate`` vs one ``generate``
 per adapter over its rows. The greedy tokens of peftfx and peft+bnb are compared (first row) and the
 match length is reported. Writes the ``generation`` section of ``bench/RESULTS.md``.
@@ -40,23 +40,25 @@ ADAPTERS = {"sql": 4, "chat": 8, "code": 16, "math": 8}
 
 
 class _Clock:
-    """A streamer recording when each new-token step arrives (the first ``put`` is the prompt)."""
+    """A streamer recording when each new-token step arrives (the first ``put`` is the prompt), by wall
+    clock and by this thread's CPU time (which other jobs on a shared machine do not stretch)."""
 
     def __init__(self) -> None:
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
 
     def put(self, value) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append((time.perf_counter(), time.thread_time()))
 
     def end(self) -> None:
         pass
 
-    def per_token(self) -> list[float]:
-        return [b - a for a, b in zip(self.times[1:], self.times[2:])]
+    def per_token(self, cpu: bool = False) -> list[float]:
+        stamps = [t[1 if cpu else 0] for t in self.times]
+        return [b - a for a, b in zip(stamps[1:], stamps[2:])]
 
-    def window(self, token: int, half: int = 4) -> float:
+    def window(self, token: int, half: int = 4, cpu: bool = False) -> float:
         """Median seconds per step over the steps around ``token`` (1-based; one step alone is too noisy)."""
-        steps = self.per_token()
+        steps = self.per_token(cpu)
         if not steps:
             return float("nan")
         lo = max(0, min(token - 1 - half, len(steps) - 2 * half))
@@ -145,10 +147,11 @@ def _single(base, vocab, prompt, new, batches, reps) -> tuple[list, list[str]]:
                              "dense fp32": _hf(dense, ids, mask, new)}, reps=reps, warmup=0)
         ours()
         t8, t120 = clock.window(8), clock.window(min(120, new - 4))
+        c8, c120 = clock.window(8, cpu=True), clock.window(min(120, new - 4), cpu=True)
         tps = {k: batch * new / v for k, v in times.items()}
         cpu_ratio = statistics.median(cpu["peft+bnb"]) / statistics.median(cpu["peftfx"])
         rows.append([batch, tps["peftfx"], tps["peft+bnb"], tps["dense fp32"], tps["peftfx"] / tps["peft+bnb"],
-                     cpu_ratio, t8 * 1e3, t120 * 1e3, t120 / t8])
+                     cpu_ratio, t8 * 1e3, t120 * 1e3, t120 / t8, c8 * 1e3, c120 * 1e3, c120 / c8])
     return rows, notes
 
 
@@ -164,7 +167,8 @@ def run(hidden=1024, layers=4, vocab=8192, prompt=128, new=128, batches=(1, 8), 
         "absolute numbers are noisy, ratios come from interleaved medians of the same run.",
         markdown_table(["batch", "peftfx tok/s", "peft+bnb tok/s", "dense fp32 (transformers) tok/s",
                         "peftfx / peft+bnb (wall)", "peftfx / peft+bnb (CPU time)", "peftfx ms/step near token 8",
-                        "near token 120", "token 120 / token 8"], rows) if rows else "",
+                        "near token 120", "token 120 / token 8", "CPU ms/step near token 8", "near token 120",
+                        "token 120 / token 8 (CPU)"], rows) if rows else "",
         markdown_table(["mixed 4-adapter batch 8 tok/s", "loop over adapters tok/s", "mixed / loop"],
                        [multi]) if multi else "",
         "\n".join(f"- {n}" for n in notes),
