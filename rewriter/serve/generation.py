@@ -74,6 +74,18 @@ def _eval_mode(*modules: nn.Module):
             m.training = mode
 
 
+def _filled(keys: list[Tensor], values: list[Tensor], mask: Tensor, used: int) -> dict[str, Any]:
+    """The step's cache inputs cut to the first ``used`` slots (views: writes land in the full cache).
+
+    Attention then reads only the slots written so far instead of the whole ``[B, n_kv, L, D]`` cache,
+    so a decode step costs what transformers' growing cache costs, without its copies. At least 2
+    slots (the step graph's smallest cache length); an unwritten slot is hidden by causality anyway.
+    """
+    used = max(used, min(2, mask.shape[1]))
+    return {"keys": [k[:, :, :used] for k in keys], "values": [v[:, :, :used] for v in values],
+            "attention_mask": mask[:, :used]}
+
+
 def _token_list(value: Any, name: str) -> list[int]:
     if value is None:
         return []
@@ -195,13 +207,12 @@ def generate(gm: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = N
         full_mask[:, n_prefix:n_prefix + n_soft + seq] = prompt_mask
         positions = (n_prefix + prompt_mask.cumsum(1) - 1).masked_fill(prompt_mask == 0, 1)
         extra = {IDS_INPUT: ids} if ids is not None else {}
-        logits = step(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
-                      write_at=torch.arange(n_prefix, n_prefix + n_soft + seq, device=device),
-                      keys=keys, values=values, **extra)
+        slot = n_prefix + n_soft + seq
+        logits = step(inputs_embeds=embeds, write_at=torch.arange(n_prefix, slot, device=device),
+                      position_ids=positions, **_filled(keys, values, full_mask, slot), **extra)
         out, unfinished = [input_ids], torch.ones(batch, dtype=torch.bool, device=device)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         last = positions[:, -1:]
-        slot = n_prefix + n_soft + seq
         for i in range(max_new_tokens):
             token = next_tokens(logits[:, -1], sampling, generator)
             if pad is not None:
@@ -216,8 +227,9 @@ def generate(gm: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = N
             if i == max_new_tokens - 1:
                 break
             last = last + 1
-            logits = step(inputs_embeds=embed(token[:, None]), attention_mask=full_mask, position_ids=last,
-                          write_at=torch.tensor([slot], device=device), keys=keys, values=values, **extra)
+            logits = step(inputs_embeds=embed(token[:, None]), position_ids=last,
+                          write_at=torch.tensor([slot], device=device),
+                          **_filled(keys, values, full_mask, slot + 1), **extra)
             slot += 1
     if streamer is not None:
         streamer.end()

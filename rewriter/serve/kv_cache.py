@@ -13,7 +13,11 @@ exported graph keeps the in-place op, so a step copies nothing but the new K/V).
 and ``L`` are dynamic: one graph serves prefill (S = prompt length) and decode (S = 1) for every
 batch size and cache length. The cache is a :class:`GraphKVCache` built inside the traced forward
 around the input tensors (``GraphKVCache``, made by ``_cache_classes``); the attention mask is the model's own (``create_causal_mask`` over slot
-indices, padding from ``attention_mask``), positions are the explicit ``position_ids``.
+indices, padding from ``attention_mask``), positions are the explicit ``position_ids``. ``L`` may be
+a prefix view of a longer cache (``cache[:, :, :L]``, what :mod:`peftfx.serve.generation` passes: the
+slots written so far), so attention reads only those; the writes land in the full cache.
+
+After capture, :mod:`peftfx.serve.step_rewrite` removes the per-token Python that does no math.
 
 The step graph starts at ``inputs_embeds`` because prompt tuning prepends its soft prompt to the
 embeddings and prefix tuning writes its prefixes into cache slots: both happen outside the graph
@@ -37,6 +41,7 @@ from peftfx.errors import PeftfxError
 from peftfx.kernels.multi_lora import MultiLoRALinear
 from peftfx.recapture import recapture, source_model
 from peftfx.serve.multi_adapter import IDS_ARG
+from peftfx.serve.step_rewrite import call_linears_directly, drop_no_op_nodes
 
 __all__ = ["GenerationError", "CacheGeometry", "cache_geometry", "check_decoder", "step_graph", "new_cache",
            "is_multi", "IDS_INPUT"]
@@ -212,5 +217,7 @@ def step_graph(gm: GraphModule) -> GraphModule:
     step = recapture(gm, _step_view(model), example, dynamic_shapes=dynamic, skip_sections=("prefix", "prompt"))
     if multi:
         _route_ids(step)
+    drop_no_op_nodes(step)  # the step runs once per token: no per-call Python that does no math
+    call_linears_directly(step)
     _STEPS[gm] = step
     return step
