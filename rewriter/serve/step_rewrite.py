@@ -28,6 +28,8 @@ backend and every error message stay the module's.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
@@ -35,7 +37,6 @@ from torch.fx import GraphModule, Node
 from peftfx.kernels import cpu_gemm
 from peftfx.kernels.backend import backend_for
 from peftfx.kernels.dtypes import resolve_compute_dtype
-from peftfx.kernels.formats import QuantizedWeight
 from peftfx.kernels.modules import LoRALinear, QLoRALinear
 
 __all__ = ["drop_no_op_nodes", "call_linears_directly", "step_linear"]
@@ -92,9 +93,7 @@ def step_linear(m: QLoRALinear, x: Tensor) -> Tensor:
             or backend_for(x) != "cpu" or not all(t is None or t.is_contiguous() for t in _storage(m))):
         return m(x)
     # what peftfx::qlora_linear's cpu branch receives: the weight described with the input's dtype
-    weight = m.weight if m.format == "none" else QuantizedWeight(
-        m.format, m.weight, m.weight_scales, m.weight_scales2, m.weight_offset, (m.out_features, m.in_features),
-        m.block_size, m.block_size2, x.dtype, float(m.threshold))
+    weight = m.weight if m.format == "none" else dataclasses.replace(m.quantized_weight(), dtype=x.dtype)
     return cpu_gemm.qlora_forward(x, weight, m.bias, m.lora_A, m.lora_B, float(m.scaling), None,
                                   resolve_compute_dtype(getattr(m, "compute_dtype", None), x.device))
 
