@@ -117,13 +117,15 @@ def peftfx_plan(lora: list[str], compute: str | None = None):
 
 def setup_peftfx(base, lora, inputs, compute=None):
     import peftfx
+    from peftfx.kernels import cpu_gemm
 
     model = copy.deepcopy(base)
     start = time.perf_counter()
     gm = peftfx.compile(model, peftfx_plan(lora, compute), example_inputs=inputs)
     COMPILE_TIMES.setdefault(tuple(lora), []).append(time.perf_counter() - start)
     gm.train()
-    return gm, []
+    # buffers the cpu path keeps between calls (reused tiles, casts): resident, like bnb's quant_state
+    return gm, cpu_gemm.scratch_tensors
 
 
 def _step(model: torch.nn.Module, inputs: dict) -> tuple[Callable[[], None], torch.optim.Optimizer]:

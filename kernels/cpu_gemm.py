@@ -26,14 +26,16 @@ Shapes: x ``[M, K]``, deq(W) ``[N, K]``, dy ``[M, N]``.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
 from peftfx.kernels import cpu_native, reference
-from peftfx.kernels.dtypes import gemm_dtype
+from peftfx.kernels.dtypes import accumulate_dtype, gemm_dtype
 from peftfx.kernels.formats import QuantizedWeight
 
-__all__ = ["TILE_ELEMS", "base_forward", "base_backward",
+__all__ = ["TILE_ELEMS", "SCRATCH_MAX_ELEMS", "base_forward", "base_backward", "scratch_tensors",
            "qlora_forward", "qlora_backward"]
 
 # Elements of deq(W) per tile. Decode-shaped calls (M <= GEMV_ROWS) are bound by the dequantization:
@@ -63,18 +65,70 @@ def _native_tiles(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     return dtype in cpu_native.NATIVE_DTYPES and cpu_native.usable(weight)
 
 
+# Largest scratch buffer (elements) kept between calls: every tile fits (NATIVE_GEMM_TILE_ELEMS), and
+# so do the compute-dtype copies of x / dy up to 8192 tokens x 512 or 2048 x 2048 columns.
+SCRATCH_MAX_ELEMS = 1 << 22
+_scratch = threading.local()
+
+
+def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat ``[numel]`` buffer of this thread's, reused by later calls (grown on demand, at most
+    :data:`SCRATCH_MAX_ELEMS` kept). A fresh multi-MB tensor can cost first-touch page faults on every
+    call, depending on how the allocator returned the last one to the OS: in the fp32 QLoRA step of
+    bench/cpu_train (all 7 linears) fresh tiles took 8,933 page faults per step and 1,760 ms of CPU,
+    reused ones 2 faults and 1,577 ms (interleaved, load 11). The cost is memory that outlives the call:
+    one tile (<= 16 MiB fp32) plus, for half-precision GEMMs, the input copy and product of the largest
+    call; :func:`scratch_tensors` lists them for memory accounting. Only call-local data lives here
+    (tiles, casts of the inputs, half-precision products); nothing returned aliases it."""
+    if numel > SCRATCH_MAX_ELEMS or device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    key = (slot, dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        bufs.pop(key, None)  # free the old one before the larger one is allocated
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def scratch_tensors() -> list[Tensor]:
+    """This thread's kept scratch buffers (for memory accounting: they outlive every call)."""
+    return list(getattr(_scratch, "bufs", {}).values())
+
+
+def _cast(t: Tensor, dtype: torch.dtype, slot: str) -> Tensor:
+    """``t.to(dtype)`` for a call-local operand, into a scratch buffer when a copy is needed."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return _scratch_buffer(slot, t.numel(), dtype, t.device).view(t.shape).copy_(t)
+
+
+def _product(m: int, n: int, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """Where a tiled GEMM writes its ``[m, n]`` product: a fresh tensor when ``dtype`` is the accumulate
+    dtype of ``like`` (the tensor callers keep), else a scratch buffer that :func:`_widened` copies out."""
+    if dtype == accumulate_dtype(like):
+        return like.new_empty(m, n, dtype=dtype)
+    return _scratch_buffer("out", m * n, dtype, like.device).view(m, n)
+
+
+def _widened(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` in the accumulate dtype of ``like`` (a new tensor: scratch buffers never escape)."""
+    acc = accumulate_dtype(like)
+    return out if out.dtype == acc else out.to(acc)
+
+
 class _Workspace:
-    """Buffers reused by every tile of one call: the tile itself (``dtype``), and, unless the native
-    decoder fills it (``native``), int32 indices and (for a non-fp32 tile) fp32 values stored as float64
-    pairs for the L2-sized PyTorch steps that do."""
+    """Buffers reused by every tile of one call (and, through :func:`_scratch_buffer`, by later calls):
+    the tile itself (``dtype``), and, unless the native decoder fills it (``native``), int32 indices and
+    (for a non-fp32 tile) fp32 values stored as float64 pairs for the L2-sized PyTorch steps that do."""
 
     def __init__(self, elems: int, dtype: torch.dtype, device: torch.device, native: bool = False) -> None:
         step = (min(elems, L2_ELEMS) + 1) // 2
         self.native = native
-        self.idx = None if native else torch.empty(step, dtype=torch.int32, device=device)
-        self.pairs = None if native or dtype == torch.float32 else torch.empty(step, dtype=torch.float64,
-                                                                                device=device)
-        self.tile = torch.empty(elems, dtype=dtype, device=device)
+        self.idx = None if native else _scratch_buffer("idx", step, torch.int32, device)
+        self.pairs = None if native or dtype == torch.float32 else _scratch_buffer("pairs", step, torch.float64,
+                                                                                    device)
+        self.tile = _scratch_buffer("tile", elems, dtype, device)
 
 
 def _dequant_tile(qw: QuantizedWeight, scales: Tensor, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype,
@@ -135,7 +189,8 @@ def _tiled_dtype(m: int, dtype: torch.dtype) -> torch.dtype:
 
 
 def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
-    """``x2 @ deq(W).T`` in ``dtype``: x2 ``[M, K]`` -> ``[M, N]`` (``dtype``; fp32 for M <= GEMV_ROWS)."""
+    """``x2 @ deq(W).T`` computed in ``dtype`` (fp32 for M <= GEMV_ROWS): x2 ``[M, K]`` -> ``[M, N]``, returned
+    in ``accumulate_dtype(x2)`` (what :func:`reference.qlora_forward_ref` sums in: its cast is then a no-op)."""
     if isinstance(weight, Tensor) or weight.format == "llm-int8":
         return reference.base_product(x2, weight, dtype)  # nothing to dequantize in tiles
     n, k = weight.shape
@@ -146,29 +201,30 @@ def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtyp
         cpu_native.check_storage(weight)
         if m <= GEMV_ROWS and dtype == torch.float32:
             return cpu_native.decode_matmul(x2, weight, check=False)
-    xc = x2.to(dtype)
-    y = xc.new_empty(m, n)
+    xc = _cast(x2, dtype, "x")
+    y = _product(m, n, dtype, x2)
     if not native and not _tiles_fit(weight):
         for r0, r1, w in reference.iter_dequantized_rows(weight, dtype, _tile_elems(m), reuse=True):
             torch.mm(xc, w.t(), out=y[:, r0:r1])
-        return y
+        return _widened(y, x2)
     scales = None if native else reference.decode_scales(weight)
     rows = _row_tile(n, k, _tile_elems(m, native))
     ws = _Workspace(rows * k, dtype, x2.device, native)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         torch.mm(xc, _dequant_tile(weight, scales, r0, r1, 0, k, dtype, ws).t(), out=y[:, r0:r1])
-    return y
+    return _widened(y, x2)
 
 
 def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
-    """``dy2 @ deq(W)`` in ``dtype``: dy2 ``[M, N]`` -> ``[M, K]`` (``dtype``; fp32 for M <= GEMV_ROWS)."""
+    """``dy2 @ deq(W)`` computed in ``dtype`` (fp32 for M <= GEMV_ROWS): dy2 ``[M, N]`` -> ``[M, K]``, returned in
+    ``accumulate_dtype(dy2)``."""
     if isinstance(weight, Tensor):
         return reference.base_grad(dy2, weight, dtype)
     n, k = weight.shape
     m = dy2.shape[0]
     dtype = _tiled_dtype(m, dtype)
-    dyc = dy2.to(dtype)
+    dyc = _cast(dy2, dtype, "x")
     native = _native_tiles(weight, dtype)
     if native:
         cpu_native.check_storage(weight)
@@ -176,15 +232,15 @@ def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dt
         dx = None
         for r0, r1, w in reference.iter_dequantized_rows(weight, dtype, _tile_elems(m), reuse=True):
             dx = dyc[:, r0:r1] @ w if dx is None else dx.addmm_(dyc[:, r0:r1], w)
-        return dx
+        return _widened(dx, dy2)
     scales = None if native else reference.decode_scales(weight)
     cols = _col_tile(n, k, weight.block_size, _tile_elems(m, native))
     ws = _Workspace(n * cols, dtype, dy2.device, native)
-    dx = dyc.new_empty(dy2.shape[0], k)
+    dx = _product(m, k, dtype, dy2)
     for c0 in range(0, k, cols):
         c1 = min(k, c0 + cols)
         torch.mm(dyc, _dequant_tile(weight, scales, 0, n, c0, c1, dtype, ws), out=dx[:, c0:c1])
-    return dx
+    return _widened(dx, dy2)
 
 
 # ------------------------------------------------------------------------------------- fused math
