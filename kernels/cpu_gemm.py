@@ -36,7 +36,7 @@ from peftfx.kernels.dtypes import accumulate_dtype, gemm_dtype
 from peftfx.kernels.formats import QuantizedWeight
 
 __all__ = ["TILE_ELEMS", "SCRATCH_MAX_ELEMS", "base_forward", "base_backward", "scratch_tensors",
-           "qlora_forward", "qlora_backward"]
+           "release_scratch", "qlora_forward", "qlora_backward"]
 
 # Elements of deq(W) per tile. Decode-shaped calls (M <= GEMV_ROWS) are bound by the dequantization:
 # 1 MB of fp32 values + 0.5 MB of int32 indices stay in a 2 MB L2 between the lookup and the GEMV.
@@ -78,7 +78,7 @@ def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.dev
     bench/cpu_train (all 7 linears) fresh tiles took 8,933 page faults per step and 1,760 ms of CPU,
     reused ones 2 faults and 1,577 ms (interleaved, load 11). The cost is memory that outlives the call:
     one tile (<= 16 MiB fp32) plus, for half-precision GEMMs, the input copy and product of the largest
-    call; :func:`scratch_tensors` lists them for memory accounting. Only call-local data lives here
+    call; :func:`scratch_tensors` lists them, :func:`release_scratch` frees them. Only call-local data lives here
     (tiles, casts of the inputs, half-precision products); nothing returned aliases it."""
     if numel > SCRATCH_MAX_ELEMS or device.type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
@@ -94,6 +94,11 @@ def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.dev
 def scratch_tensors() -> list[Tensor]:
     """This thread's kept scratch buffers (for memory accounting: they outlive every call)."""
     return list(getattr(_scratch, "bufs", {}).values())
+
+
+def release_scratch() -> None:
+    """Free this thread's kept scratch buffers (the next call allocates what it needs again)."""
+    getattr(_scratch, "bufs", {}).clear()
 
 
 def _cast(t: Tensor, dtype: torch.dtype, slot: str) -> Tensor:

@@ -150,3 +150,5 @@ def test_scratch_buffers_are_reused_and_never_escape(compute):
     tol = dict(rtol=1e-2, atol=5e-2) if compute == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(y2, x2.to(compute).float() @ ref.t(), **tol)
     torch.testing.assert_close(dx2, dy2.to(compute).float() @ ref, **tol)
+    G.release_scratch()
+    assert G.scratch_tensors() == []
