@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from peftfx.kernels import cpu_native, reference
-from peftfx.kernels.dtypes import accumulate_dtype, gemm_dtype
+from peftfx.kernels.dtypes import gemm_dtype
 from peftfx.kernels.formats import QuantizedWeight
 
 __all__ = ["TILE_ELEMS", "SCRATCH_MAX_ELEMS", "base_forward", "base_backward", "scratch_tensors",
@@ -65,8 +65,7 @@ def _native_tiles(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     return dtype in cpu_native.NATIVE_DTYPES and cpu_native.usable(weight)
 
 
-# Largest scratch buffer (elements) kept between calls: every tile fits (NATIVE_GEMM_TILE_ELEMS), and
-# so do the compute-dtype copies of x / dy up to 8192 tokens x 512 or 2048 x 2048 columns.
+# Largest scratch buffer (elements) kept between calls: every tile fits (NATIVE_GEMM_TILE_ELEMS).
 SCRATCH_MAX_ELEMS = 1 << 22
 _scratch = threading.local()
 
@@ -76,10 +75,10 @@ def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.dev
     :data:`SCRATCH_MAX_ELEMS` kept). A fresh multi-MB tensor can cost first-touch page faults on every
     call, depending on how the allocator returned the last one to the OS: in the fp32 QLoRA step of
     bench/cpu_train (all 7 linears) fresh tiles took 8,933 page faults per step and 1,760 ms of CPU,
-    reused ones 2 faults and 1,577 ms (interleaved, load 11). The cost is memory that outlives the call:
-    one tile (<= 16 MiB fp32) plus, for half-precision GEMMs, the input copy and product of the largest
-    call; :func:`scratch_tensors` lists them, :func:`release_scratch` frees them. Only call-local data lives here
-    (tiles, casts of the inputs, half-precision products); nothing returned aliases it."""
+    reused ones 2 faults and 1,577 ms (interleaved, load 11; the bf16 step had 3 faults either way). The
+    cost is memory that outlives the call: the largest tile per dtype (<= 16 MiB fp32), which counts in
+    a step's peak (+11 MiB in bench/cpu_train's fp32 rows); :func:`scratch_tensors` lists the buffers,
+    :func:`release_scratch` frees them. Only tiles live here; nothing a call returns aliases them."""
     if numel > SCRATCH_MAX_ELEMS or device.type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
     bufs = _scratch.__dict__.setdefault("bufs", {})
@@ -99,27 +98,6 @@ def scratch_tensors() -> list[Tensor]:
 def release_scratch() -> None:
     """Free this thread's kept scratch buffers (the next call allocates what it needs again)."""
     getattr(_scratch, "bufs", {}).clear()
-
-
-def _cast(t: Tensor, dtype: torch.dtype, slot: str) -> Tensor:
-    """``t.to(dtype)`` for a call-local operand, into a scratch buffer when a copy is needed."""
-    if t.dtype == dtype and t.is_contiguous():
-        return t
-    return _scratch_buffer(slot, t.numel(), dtype, t.device).view(t.shape).copy_(t)
-
-
-def _product(m: int, n: int, dtype: torch.dtype, like: Tensor) -> Tensor:
-    """Where a tiled GEMM writes its ``[m, n]`` product: a fresh tensor when ``dtype`` is the accumulate
-    dtype of ``like`` (the tensor callers keep), else a scratch buffer that :func:`_widened` copies out."""
-    if dtype == accumulate_dtype(like):
-        return like.new_empty(m, n, dtype=dtype)
-    return _scratch_buffer("out", m * n, dtype, like.device).view(m, n)
-
-
-def _widened(out: Tensor, like: Tensor) -> Tensor:
-    """``out`` in the accumulate dtype of ``like`` (a new tensor: scratch buffers never escape)."""
-    acc = accumulate_dtype(like)
-    return out if out.dtype == acc else out.to(acc)
 
 
 class _Workspace:
@@ -194,8 +172,7 @@ def _tiled_dtype(m: int, dtype: torch.dtype) -> torch.dtype:
 
 
 def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
-    """``x2 @ deq(W).T`` computed in ``dtype`` (fp32 for M <= GEMV_ROWS): x2 ``[M, K]`` -> ``[M, N]``, returned
-    in ``accumulate_dtype(x2)`` (what :func:`reference.qlora_forward_ref` sums in: its cast is then a no-op)."""
+    """``x2 @ deq(W).T`` in ``dtype``: x2 ``[M, K]`` -> ``[M, N]`` (``dtype``; fp32 for M <= GEMV_ROWS)."""
     if isinstance(weight, Tensor) or weight.format == "llm-int8":
         return reference.base_product(x2, weight, dtype)  # nothing to dequantize in tiles
     n, k = weight.shape
@@ -206,30 +183,29 @@ def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtyp
         cpu_native.check_storage(weight)
         if m <= GEMV_ROWS and dtype == torch.float32:
             return cpu_native.decode_matmul(x2, weight, check=False)
-    xc = _cast(x2, dtype, "x")
-    y = _product(m, n, dtype, x2)
+    xc = x2.to(dtype)
+    y = xc.new_empty(m, n)
     if not native and not _tiles_fit(weight):
         for r0, r1, w in reference.iter_dequantized_rows(weight, dtype, _tile_elems(m), reuse=True):
             torch.mm(xc, w.t(), out=y[:, r0:r1])
-        return _widened(y, x2)
+        return y
     scales = None if native else reference.decode_scales(weight)
     rows = _row_tile(n, k, _tile_elems(m, native))
     ws = _Workspace(rows * k, dtype, x2.device, native)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         torch.mm(xc, _dequant_tile(weight, scales, r0, r1, 0, k, dtype, ws).t(), out=y[:, r0:r1])
-    return _widened(y, x2)
+    return y
 
 
 def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtype) -> Tensor:
-    """``dy2 @ deq(W)`` computed in ``dtype`` (fp32 for M <= GEMV_ROWS): dy2 ``[M, N]`` -> ``[M, K]``, returned in
-    ``accumulate_dtype(dy2)``."""
+    """``dy2 @ deq(W)`` in ``dtype``: dy2 ``[M, N]`` -> ``[M, K]`` (``dtype``; fp32 for M <= GEMV_ROWS)."""
     if isinstance(weight, Tensor):
         return reference.base_grad(dy2, weight, dtype)
     n, k = weight.shape
     m = dy2.shape[0]
     dtype = _tiled_dtype(m, dtype)
-    dyc = _cast(dy2, dtype, "x")
+    dyc = dy2.to(dtype)
     native = _native_tiles(weight, dtype)
     if native:
         cpu_native.check_storage(weight)
@@ -237,15 +213,15 @@ def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dt
         dx = None
         for r0, r1, w in reference.iter_dequantized_rows(weight, dtype, _tile_elems(m), reuse=True):
             dx = dyc[:, r0:r1] @ w if dx is None else dx.addmm_(dyc[:, r0:r1], w)
-        return _widened(dx, dy2)
+        return dx
     scales = None if native else reference.decode_scales(weight)
     cols = _col_tile(n, k, weight.block_size, _tile_elems(m, native))
     ws = _Workspace(n * cols, dtype, dy2.device, native)
-    dx = _product(m, k, dtype, dy2)
+    dx = dyc.new_empty(dy2.shape[0], k)
     for c0 in range(0, k, cols):
         c1 = min(k, c0 + cols)
         torch.mm(dyc, _dequant_tile(weight, scales, 0, n, c0, c1, dtype, ws), out=dx[:, c0:c1])
-    return _widened(dx, dy2)
+    return dx
 
 
 # ------------------------------------------------------------------------------------- fused math
