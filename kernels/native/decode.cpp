@@ -4,7 +4,8 @@
 // registers and never stored; otherwise each group of rows is decoded into an L1 tile first.
 //
 // Built just in time by peftfx/kernels/cpu_native.py (torch.utils.cpp_extension.load, one translation
-// unit). Only light torch headers are included (Tensor, Parallel, library): <torch/extension.h> costs
+// unit, which is why this file holds the formats, checks, dispatch and ops together at ~400 lines; the
+// per-ISA kernels are in decode_simd.inc). Only light torch headers are included (Tensor, Parallel, library): <torch/extension.h> costs
 // ~30 s of compile time on one core against ~4 s for these.
 //
 // The SIMD kernels live in decode_simd.inc, included twice below: once compiled for AVX-512
