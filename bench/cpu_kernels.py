@@ -10,7 +10,9 @@ Rows (weight ``[size, size]``, NF4, block 64, double quantization on every side)
 ``peftfx PyTorch path`` is what runs without it (``PEFTFX_CPU_NATIVE=0``, or no compiler). Beside
 each decode row stands the memory-bandwidth bound: the bytes the contender must read (packed weight
 + scales, or the dense fp32 weight) at the bandwidth of a large ``copy_`` measured in the same
-process (read + write bytes per second), i.e. the fastest that row could run on this machine.
+process (read + write bytes per thread-CPU second), i.e. the fastest that row could run on this machine.
+Decode rows report wall time and the thread's CPU time of the same calls (the shared VM's load moves
+the first far more than the second).
 
 All contenders of a row run interleaved in the same process (see :mod:`bench.common`); medians of
 ``--reps`` rounds. Prints the tables, writes the ``cpu_kernels`` section of ``bench/RESULTS.md`` and
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -33,20 +36,44 @@ import torch.nn.functional as F
 
 from bench.common import RESULTS, bar_plot, interleaved, machine_markdown, markdown_table, write_section
 
-__all__ = ["main", "run", "copy_bandwidth"]
+__all__ = ["main", "run", "copy_bandwidth", "interleaved_wall_cpu"]
 
 
-def copy_bandwidth(mib: int = 256, reps: int = 5) -> float:
-    """Bytes/s of a large ``dst.copy_(src)`` (read + write bytes), median of ``reps``: the memory bound."""
+def interleaved_wall_cpu(fns: dict[str, Callable[[], object]], reps: int = 5,
+                         warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`bench.common.interleaved` that also returns each contender's median thread CPU seconds.
+
+    On the shared VM the wall time includes the time a contender waited for a core; the thread's CPU
+    time does not, so its ratios move far less with the load (a hyperthread sibling's work still slows it).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[name].append(time.thread_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def copy_bandwidth(mib: int = 256, reps: int = 5) -> tuple[float, float]:
+    """Bytes/s of a large ``dst.copy_(src)`` (read + write bytes), median of ``reps``: the memory bound, by
+    wall time and by the thread's CPU time (the second excludes waiting for a core, like the CPU columns)."""
     src = torch.ones(mib << 18)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in before timing
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.thread_time()
         dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / sorted(times)[len(times) // 2]
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    nbytes = 2 * src.numel() * 4
+    return nbytes / statistics.median(wall), nbytes / statistics.median(cpu)
 
 
 @contextlib.contextmanager
@@ -126,7 +153,7 @@ def run(size: int = 4096, reps: int = 5, decode_m: tuple[int, ...] = (1, 2, 4, 8
             throughput.append((row, name, sec * 1e3, n / sec / 1e6, t["bitsandbytes"] / sec))
     decode = []
     ops, bnb, qw, q, st, nf4 = dec["ops"], dec["bnb"], dec["qw"], dec["q"], dec["st"], dec["nf4"]
-    bw = copy_bandwidth(min(256, max(8, 16 * w.numel() * 4 >> 20)))  # well beyond the caches (smoke runs: small)
+    bw_wall, bw = copy_bandwidth(min(256, max(8, 16 * w.numel() * 4 >> 20)))  # beyond the caches
     must_read = {"dense fp32 F.linear": w.numel() * 4, "peftfx native": qw.nbytes(),
                  "peftfx PyTorch path": qw.nbytes(), "bitsandbytes": q.numel() * q.element_size()
                  + sum(t.numel() * t.element_size() for t in (st.absmax, st.state2.absmax)),
@@ -142,12 +169,13 @@ def run(size: int = 4096, reps: int = 5, decode_m: tuple[int, ...] = (1, 2, 4, 8
 
             fns["torchao"] = lambda: linear_nf4(x, nf4)
         with torch.no_grad():
-            t = interleaved(fns, reps=reps)
-        dense = t["dense fp32 F.linear"]
+            t, cpu = interleaved_wall_cpu(fns, reps=reps)
+        dense, dense_cpu = t["dense fp32 F.linear"], cpu["dense fp32 F.linear"]
         for name, sec in t.items():
             bound = (must_read[name] + x.numel() * 4) / bw
-            decode.append((m, name, sec * 1e3, sec / dense, bound * 1e3, sec / bound))
-    return {"throughput": throughput, "decode": decode, "bandwidth": [bw]}
+            decode.append((m, name, sec * 1e3, sec / dense, cpu[name] * 1e3, cpu[name] / dense_cpu, bound * 1e3,
+                           cpu[name] / bound))
+    return {"throughput": throughput, "decode": decode, "bandwidth": [bw, bw_wall]}
 
 
 def report(res: dict[str, list[tuple]], size: int, reps: int, out: Path = RESULTS,
@@ -155,20 +183,24 @@ def report(res: dict[str, list[tuple]], size: int, reps: int, out: Path = RESULT
     """Markdown for the results (also written into ``out``'s ``cpu_kernels`` section, and a PNG)."""
     tp = markdown_table(["operation", "contender", "ms (median)", "M elem/s", "speed vs bitsandbytes"],
                         res["throughput"])
-    dc = markdown_table(["M", "contender", "ms (median)", "time / dense fp32", "bandwidth bound ms",
-                         "time / bound"], res["decode"])
-    bw = res["bandwidth"][0] / 1e9
+    dc = markdown_table(["M", "contender", "wall ms (median)", "wall / dense fp32", "CPU ms (median)",
+                         "CPU / dense fp32", "bandwidth bound ms", "CPU / bound"], res["decode"])
+    bw, bw_wall = res["bandwidth"][0] / 1e9, res["bandwidth"][1] / 1e9
     body = (f"## cpu_kernels: NF4 dequantize / quantize / decode forward ({size}x{size}, block 64, double quant)\n\n"
             f"{machine_markdown()}\nMedian of {reps} interleaved rounds, one thread.\n\n"
             f"Throughput (targets: native dequantize >= 1.5x bitsandbytes, quantize >= 2x):\n\n{tp}\n\n"
             f"Decode-shaped forward `x[M, {size}] @ deq(W).T` (target: peftfx native <= 1.0x dense fp32). "
+            f"Wall = perf_counter; CPU = the thread's CPU time in the same calls (excludes waiting for a core). "
             f"Bandwidth bound = bytes the contender must read (weight storage + x) at {bw:.1f} GB/s, the "
-            f"read + write rate of a large `copy_` (256 MiB at size 4096) in the same process:\n\n{dc}\n")
+            f"read + write rate of a large `copy_` (256 MiB at size 4096) in the same process by CPU time "
+            f"({bw_wall:.1f} GB/s by wall time), compared with the CPU column:\n\n{dc}\n")
     if plot is not None:
         labels = [f"{r[0]} ({r[1]})" for r in res["throughput"] if r[1] != "bitsandbytes"]
         vals = [r[4] for r in res["throughput"] if r[1] != "bitsandbytes"]
         labels += [f"decode M={r[0]} ({r[1]}) dense/t" for r in res["decode"] if r[1].startswith("peftfx")]
         vals += [1.0 / r[3] for r in res["decode"] if r[1].startswith("peftfx")]
+        labels += [f"decode M={r[0]} ({r[1]}) dense/t CPU" for r in res["decode"] if r[1] == "peftfx native"]
+        vals += [1.0 / r[5] for r in res["decode"] if r[1] == "peftfx native"]
         bar_plot(plot, f"NF4 kernels, {size}x{size}, 1 thread: speed ratio (higher is better)", labels, vals,
                  target=1.0, xlabel="speed ratio (vs bitsandbytes; decode: vs dense fp32)")
         body += f"\n![cpu_kernels]({plot.name})\n"

@@ -13,7 +13,7 @@ compute dtype is that of the frozen base GEMMs:
 * ``peftfx fp32``: ``peftfx.compile(model, plan)`` with fp32 base GEMMs; ``peftfx auto``: the same
   plan with ``compute_dtype = "auto"`` (bf16 GEMMs on CPUs with AMX/AVX512-BF16, fp32 elsewhere).
 
-Step times are medians of ``--reps`` interleaved rounds; peak memory is measured once per setup
+Step times (wall and the thread's CPU time) are medians of ``--reps`` interleaved rounds; peak memory is measured once per setup
 after warm-up (see :mod:`bench.common`: allocator events + resident tensors, including bnb's
 quant_state tensors). ``compile`` time is export + passes +
 quantization on a fresh copy of the model. Writes the ``cpu_train`` section of ``bench/RESULTS.md``
@@ -33,8 +33,9 @@ from typing import Callable
 
 import torch
 
-from bench.common import (RESULTS, bar_plot, interleaved, machine_markdown, markdown_table, peak_bytes,
-                          resident_bytes, write_section)
+from bench.common import (RESULTS, bar_plot, machine_markdown, markdown_table, peak_bytes, resident_bytes,
+                          write_section)
+from bench.cpu_kernels import interleaved_wall_cpu
 
 __all__ = ["main", "run", "build_model"]
 
@@ -157,7 +158,7 @@ def run(hidden=1024, layers=4, vocab=8192, batch=4, seq=128, reps=5, compile_rep
             except Exception as e:  # torchao missing, or peft refusing its tensor subclass
                 warnings.warn(f"torchao NF4 setup failed: {e}")
     steps = {k: _step(m, inputs) for k, (m, _) in setups.items()}
-    t = interleaved({k: s for k, (s, _) in steps.items()}, reps=reps)
+    t, cpu = interleaved_wall_cpu({k: s for k, (s, _) in steps.items()}, reps=reps)
     peak = {}
     for k, (m, extra) in setups.items():
         step, opt = steps[k]
@@ -169,7 +170,8 @@ def run(hidden=1024, layers=4, vocab=8192, batch=4, seq=128, reps=5, compile_rep
         plan = k.rsplit(" ", 1)[-1]
         bnb_k, bf_k = f"peft+bnb {plan}", f"peft+bnb bf16 {plan}"
         rows.append((k, sec * 1e3, sec / dense, sec / t[bnb_k], sec / t[bf_k], peak[k] / 2**20,
-                     peak[k] / peak[bnb_k], peak[k] / peak[bf_k]))
+                     peak[k] / peak[bnb_k], peak[k] / peak[bf_k], cpu[k] * 1e3, cpu[k] / cpu[bnb_k],
+                     cpu[k] / cpu[bf_k]))
     import peftfx
 
     comp = []
@@ -187,7 +189,8 @@ def run(hidden=1024, layers=4, vocab=8192, batch=4, seq=128, reps=5, compile_rep
 
 def report(res: dict[str, list[tuple]], cfg: str, reps: int, out: Path = RESULTS, plot: Path | None = None) -> str:
     st = markdown_table(["setup", "step ms (median)", "time / dense LoRA", "time / peft+bnb",
-                         "time / peft+bnb bf16", "peak MiB", "peak / peft+bnb", "peak / peft+bnb bf16"],
+                         "time / peft+bnb bf16", "peak MiB", "peak / peft+bnb", "peak / peft+bnb bf16",
+                          "step CPU ms", "CPU / peft+bnb", "CPU / peft+bnb bf16"],
                         res["step"])
     cp = markdown_table(["compile (export + passes + quantization)", "s (median)", "s (min)", "runs"], res["compile"])
     body = (f"## cpu_train: QLoRA training step ({cfg})\n\n{machine_markdown()}\n"
@@ -195,7 +198,9 @@ def report(res: dict[str, list[tuple]], cfg: str, reps: int, out: Path = RESULTS
             f"for the same plan; compile <= 5 s. `peft+bnb` is bitsandbytes' default (fp32 compute), the "
             f"configuration of the issue's baseline; `bf16` rows compute the frozen base GEMMs in bf16 "
             f"(`peftfx auto` on a CPU with bf16 units). Peak = resident tensors + peak of the CPU allocator's "
-            f"events during one step (torch profiler), measured the same way for every setup.\n\n{st}\n\n{cp}\n")
+            f"events during one step (torch profiler), measured the same way for every setup. Step CPU = the "
+            f"thread's CPU time in the same steps (excludes waiting for a core on the shared machine).\n\n"
+            f"{st}\n\n{cp}\n")
     if plot is not None:
         rows = [r for r in res["step"] if not r[0].startswith("peft+bnb ") or " bf16 " in r[0]]
         bar_plot(plot, "step vs peft+bnb fp32, same plan, 1 thread (lower is better)",

@@ -1,8 +1,11 @@
 // peftfx's native CPU decoder: NF4/FP4 (+ double quant) and int8 formats -> fp32/bf16/fp16, and the
-// decode-shaped matmul y[M, N] = x[M, K] @ deq(W).T (M <= 16) that streams the packed weight once.
+// decode-shaped matmul y[M, N] = x[M, K] @ deq(W).T (M <= 16) that streams the packed weight once:
+// for NF4/FP4 with M <= 8 and K % 128 == 0 (fused_matmul in decode_simd.inc) the codes are decoded in
+// registers and never stored; otherwise each group of rows is decoded into an L1 tile first.
 //
 // Built just in time by peftfx/kernels/cpu_native.py (torch.utils.cpp_extension.load, one translation
-// unit). Only light torch headers are included (Tensor, Parallel, library): <torch/extension.h> costs
+// unit, which is why this file holds the formats, checks, dispatch and ops together at ~400 lines; the
+// per-ISA kernels are in decode_simd.inc). Only light torch headers are included (Tensor, Parallel, library): <torch/extension.h> costs
 // ~30 s of compile time on one core against ~4 s for these.
 //
 // The SIMD kernels live in decode_simd.inc, included twice below: once compiled for AVX-512
@@ -28,11 +31,15 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace peftfx_native {
 
 enum Format : int64_t { NF4 = 0, FP4 = 1, INT8 = 2, INT8_ZP = 3, LLM_INT8 = 4 };
 enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+// x rows up to which the 4-bit matmul decodes in registers (fused_matmul); beyond, decoding a tile
+// once into L1 and reusing it for every x row (decode_matmul) is cheaper than decoding once per 4 rows.
+constexpr int64_t FUSED_MAX_ROWS = 8;
 
 // Raw views of one QuantizedWeight's storage (checked by check_storage before any read).
 struct Storage {
@@ -111,12 +118,23 @@ inline Lut make_lut(const float* code) { return {_mm512_loadu_ps(code)}; }
 inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
 // 16 codes from 8 packed bytes (even element in the high nibble) -> 16 codebook values.
+// 16-entry lookup: lane j gets lut[i_j & 15] (vpermps reads index bits 3:0 only).
+inline VF lookup(__m512i i, const Lut& lut) { return _mm512_permutexvar_ps(i, lut.t); }
 inline VF decode4(const uint8_t* p, const Lut& lut) {
   __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   __m512i i = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));         // each byte twice
-  i = _mm512_srlv_epi32(i, _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4));
-  return _mm512_permutexvar_ps(i, lut.t);                            // uses index bits 3:0 only
+  return lookup(_mm512_srlv_epi32(i, _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4)), lut);
 }
+// fused GEMV vocabulary: W packed dwords, a lane shift, a lane permutation of floats
+// fused passes: up to FUSED_MB x rows at once, against fused_rows(mb) weight rows:
+// 2 x mb x rows accumulators + rows codes + mb x + table + weight <= 27 zmm
+constexpr int FUSED_MB = 8;
+constexpr int fused_rows(int mb) { return mb == 1 ? 8 : mb == 2 ? 4 : mb <= 4 ? 2 : 1; }
+inline VF gather(const float* base, VIraw i) { return _mm512_i32gather_ps(i, base, 4); }
+inline VIraw load_u8_dwords(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VIraw load_dwords(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline VIraw srli(VIraw v, int s) { return _mm512_srli_epi32(v, s); }
+inline VF permute_lanes(VF v, VIraw i) { return _mm512_permutexvar_ps(i, v); }
 // 16 rounded bf16 bit patterns (in 32-bit lanes) -> 16 uint16 in memory
 inline void store_low_halves(void* p, __m512i r) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
@@ -146,15 +164,26 @@ inline float hsum(VF v) {
   return _mm_cvtss_f32(s);
 }
 // 8 codes from 4 packed bytes: two 8-entry vpermps halves, blended on index bit 3.
+// 16-entry lookup on index bits 3:0 (bits above are ignored): two 8-entry vpermps, blended on bit 3.
+inline VF lookup(__m256i i, const Lut& lut) {
+  VF lo = _mm256_permutevar8x32_ps(lut.lo, i), hi = _mm256_permutevar8x32_ps(lut.hi, i);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+}
 inline VF decode4(const uint8_t* p, const Lut& lut) {
   int32_t raw;
   std::memcpy(&raw, p, 4);
   __m128i b = _mm_cvtsi32_si128(raw);
   __m256i i = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
-  i = _mm256_srlv_epi32(i, _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-  VF lo = _mm256_permutevar8x32_ps(lut.lo, i), hi = _mm256_permutevar8x32_ps(lut.hi, i);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+  return lookup(_mm256_srlv_epi32(i, _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4)), lut);
 }
+// weight rows per fused pass: 2 x mb x rows accumulators + codes + x + 2 table halves + lookup temps <= 16 ymm
+constexpr int FUSED_MB = 2;
+constexpr int fused_rows(int mb) { return mb == 1 ? 2 : 1; }
+inline VF gather(const float* base, VIraw i) { return _mm256_i32gather_ps(base, i, 4); }
+inline VIraw load_u8_dwords(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline VIraw load_dwords(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VIraw srli(VIraw v, int s) { return _mm256_srli_epi32(v, s); }
+inline VF permute_lanes(VF v, VIraw i) { return _mm256_permutevar8x32_ps(v, i); }
 inline void store_low_halves(void* p, __m256i r) {
   __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0 and 2
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
@@ -343,6 +372,16 @@ void decode_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   // grain: enough rows that a task streams ~256 KB of weight
   const int64_t grain = std::max<int64_t>(4, (1 << 19) / cols) / 4 * 4;
   const int64_t isa = g_isa.load(std::memory_order_relaxed);
+  if (s.four_bit() && cols % 128 == 0 && m <= FUSED_MAX_ROWS && isa != SCALAR) {  // fused: decode in registers, nothing in memory
+    std::vector<float> xp(static_cast<size_t>(m * cols));
+    if (isa == AVX512) avx512::permute_x(x.data_ptr<float>(), m, cols, xp.data());
+    else avx2::permute_x(x.data_ptr<float>(), m, cols, xp.data());
+    at::parallel_for(0, rows, grain, [&](int64_t a, int64_t b) {
+      if (isa == AVX512) avx512::fused_matmul(s, xp.data(), m, yp, ldy, a, b);
+      else avx2::fused_matmul(s, xp.data(), m, yp, ldy, a, b);
+    });
+    return;
+  }
   at::parallel_for(0, rows, grain, [&](int64_t a, int64_t b) {
     if (isa == AVX512) avx512::decode_matmul(s, xp, m, yp, ldy, a, b);
     else if (isa == AVX2) avx2::decode_matmul(s, xp, m, yp, ldy, a, b);

@@ -148,6 +148,36 @@ def test_decode_matmul_within_fp32_tolerance(fmt, bs, dq, n, k, m):
             assert bool((y[:, 0] == 5).all() and (y[:, n + 1:] == 5).all()), "wrote outside y's slice"
 
 
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["nf4", "fp4"]), bs=st.sampled_from(BLOCK_SIZES), dq=st.booleans(),
+       bs2=st.sampled_from([16, 32, 256]), n=st.integers(1, 19), chunks=st.integers(1, 5), m=st.integers(1, 9),
+       x_dtype=st.sampled_from(list(cpu_native.NATIVE_DTYPES)))
+def test_fused_4bit_matmul_within_fp32_tolerance(fmt, bs, dq, bs2, n, chunks, m, x_dtype):
+    """The register-decoding 4-bit GEMV (K % 128 == 0, M <= 8; M = 9 takes the tile path): every block size,
+    blocks spanning rows (bs > K), double quant with scales2 blocks that do and do not align with a
+    vector of blocks, odd N (a short last row group), fp32/bf16/fp16 x."""
+    k = 128 * chunks
+    qw = _quantized(fmt, n, k, bs, dq, bs2=bs2)
+    x = torch.randn(m, k).to(x_dtype)
+    want = x.float() @ R.dequantize(qw, torch.float32).t()
+    for isa in _isas():
+        with cpu_native.force_isa(isa):
+            y = torch.full((m, n + 2), 5.0)
+            cpu_native.decode_matmul(x, qw, out=y[:, 1: n + 1])
+            fp32_close(y[:, 1: n + 1], want)
+            assert bool((y[:, 0] == 5).all() and (y[:, n + 1] == 5).all()), "wrote outside y's slice"
+
+
+def test_fused_4bit_matmul_long_rows():
+    """K > 8192 runs the fused GEMV in two K passes that accumulate into y."""
+    qw = _quantized("nf4", 9, 8192 + 384, 64, True)
+    x = torch.randn(3, 8192 + 384)
+    want = x @ R.dequantize(qw, torch.float32).t()
+    for isa in _isas():
+        with cpu_native.force_isa(isa):
+            fp32_close(cpu_native.decode_matmul(x, qw), want)
+
+
 # ------------------------------------------------------------------------------------------- wiring
 def _counting(monkeypatch) -> dict[str, int]:
     calls = {"decode_window": 0, "decode_matmul": 0}
