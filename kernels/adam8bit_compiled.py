@@ -34,7 +34,7 @@ from peftfx.kernels.blockwise8bit import (
     BLOCK, MIN_ABSMAX, AdamWHyper, adamw8bit_step_, adamw8bit_step_reference, tables,
 )
 
-__all__ = ["COMPILE_ENV", "compile_enabled", "hyper_tensor", "adamw8bit_step_compiled_", "adamw8bit_step_cpu_"]
+__all__ = ["COMPILE_ENV", "compile_enabled", "reset_fallback", "hyper_tensor", "adamw8bit_step_compiled_", "adamw8bit_step_cpu_"]
 
 COMPILE_ENV = "PEFTFX_OPTIM_COMPILE"
 # inductor bounds-checks every table lookup by default; the indices are in range by construction (uint8 codes
@@ -47,6 +47,11 @@ _state: dict[str, object] = {"compiled": None, "failed": False}
 def compile_enabled() -> bool:
     """Whether the CPU update runs compiled: ``$PEFTFX_OPTIM_COMPILE`` is not ``0`` and no compile has failed."""
     return os.environ.get(COMPILE_ENV, "1") != "0" and not _state["failed"]
+
+
+def reset_fallback() -> None:
+    """Forget an earlier failed compile, so the next step tries again (after installing a C++ compiler; tests)."""
+    _state["failed"] = False
 
 
 def hyper_tensor(h: AdamWHyper) -> Tensor:
