@@ -2,8 +2,8 @@
 
 :func:`adamw8bit_step_cpu_` is what ``peftfx.optim`` calls for CPU tensors. It runs :func:`_fused_update`,
 compiled once by inductor (C++/OpenMP), over the tensor's whole 256-element blocks viewed ``[nb, 256]``:
-one generated function dequantizes both moments (map lookups), updates them, writes the parameter, takes
-the new block absmax and requantizes (code-table lookups), the same ops as
+one generated loop over blocks dequantizes both moments of a block (map lookups) into two 256-float local
+buffers, takes the new block absmax, writes the parameter and requantizes (code-table lookups), the same ops as
 :func:`peftfx.kernels.blockwise8bit.adamw8bit_step_reference` in the same order:
 
 - ``m = fma(g, 1 - b1, map1[c1] * (absmax1 * b1))`` and ``v = fma((1 - b2) g, g, map2[c2] * (absmax2 * b2))``:
@@ -62,10 +62,14 @@ def hyper_tensor(h: AdamWHyper) -> Tensor:
 
 
 def _fused_update(p: Tensor, g: Tensor, c1: Tensor, c2: Tensor, a1: Tensor, a2: Tensor, maps: Tensor,
-                  code_tables: Tensor, hyper: Tensor) -> None:
-    """One fused step on whole blocks, in place. p, g: ``[nb, 256]`` (fp32/bf16/fp16); c1, c2: uint8
-    ``[nb, 256]`` (first, second moment); a1, a2: fp32 ``[nb]``; maps fp32 ``[512]`` and code_tables int32
-    ``[131072]`` (:func:`peftfx.kernels.blockwise8bit.tables`); hyper: :func:`hyper_tensor`."""
+                  code_tables: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One fused step on whole blocks: ``p`` in place, returns the new ``(c1, c2, a1, a2)``.
+
+    p, g: ``[nb, 256]`` (fp32/bf16/fp16); c1, c2: uint8 ``[nb, 256]`` (first, second moment); a1, a2: fp32
+    ``[nb]``; maps fp32 ``[512]`` and code_tables int32 ``[131072]`` (:func:`peftfx.kernels.blockwise8bit.tables`);
+    hyper: :func:`hyper_tensor`. The codes and absmax come back as new tensors (the caller copies them into the
+    state): written in place, inductor 2.13 cannot keep ``m`` and ``v`` in per-block local buffers.
+    """
     nb = g.shape[0]
     gf = g.float()
     # gather on flat indices: inductor lowers it without negative-index wrapping
@@ -73,21 +77,19 @@ def _fused_update(p: Tensor, g: Tensor, c1: Tensor, c2: Tensor, a1: Tensor, a2: 
     d2 = torch.gather(maps, 0, c2.reshape(-1).long() + 256).view(nb, BLOCK)
     m = torch.ops.prims.fma(gf, hyper[1], d1 * (a1 * hyper[0])[:, None])
     v = torch.ops.prims.fma(gf * hyper[3], gf, d2 * (a2 * hyper[2])[:, None])
-    new_a1 = torch.clamp_min(torch.maximum(m.amax(1), -m.amin(1)), MIN_ABSMAX)
-    new_a2 = torch.clamp_min(v.amax(1), MIN_ABSMAX)
+    # max(max|m|, 2**-126) as one reduction (no per-block pointwise node: those would break the block loop)
+    new_a1 = torch.clamp_min(m.abs(), MIN_ABSMAX).amax(1)
+    new_a2 = torch.clamp_min(v, MIN_ABSMAX).amax(1)
     pf = p.float() * hyper[4] + (hyper[5] * m) / (torch.sqrt(v) + hyper[6])
     # the condition is always true (absmax >= 2**-126); it indexes this node [block, element] like the
-    # requantization, so inductor fuses both into one pass over each block
+    # requantization, so inductor fuses both into the same loop over each block
     p.copy_(torch.where((new_a1 > 0)[:, None], pf, p.float()).to(p.dtype))
     k1 = (m * (1 / new_a1)[:, None]).view(torch.int32)
     k1 = k1 ^ ((k1 >> 31) & 0x7FFFFFFF)  # sortable key; v >= +0 is its own key
     k2 = (v * (1 / new_a2)[:, None]).view(torch.int32)
     t1 = torch.gather(code_tables, 0, ((k1 >> 16) + 32768).reshape(-1).long()).view(nb, BLOCK)
     t2 = torch.gather(code_tables, 0, ((k2 >> 16) + (65536 + 32768)).reshape(-1).long()).view(nb, BLOCK)
-    c1.copy_(((t1 + k1) >> 16).to(torch.uint8))
-    c2.copy_(((t2 + k2) >> 16).to(torch.uint8))
-    a1.copy_(new_a1)
-    a2.copy_(new_a2)
+    return ((t1 + k1) >> 16).to(torch.uint8), ((t2 + k2) >> 16).to(torch.uint8), new_a1, new_a2
 
 
 def _compiled():
@@ -115,7 +117,9 @@ def adamw8bit_step_compiled_(p: Tensor, g: Tensor, codes: Tensor, absmax: Tensor
                  codes[1, :whole].view(nb, BLOCK), absmax[0, :nb], absmax[1, :nb])
         for t in views:
             torch._dynamo.mark_dynamic(t, 0)
-        _compiled()(*views, maps, code_tables, hyper_tensor(h))
+        new_c1, new_c2, new_a1, new_a2 = _compiled()(*views, maps, code_tables, hyper_tensor(h))
+        for state, new in zip(views[2:], (new_c1, new_c2, new_a1, new_a2)):
+            state.copy_(new)
     if whole < n:
         adamw8bit_step_reference(pf[whole:], gf[whole:], codes[:, whole:], absmax[:, whole // BLOCK:], h)
 
