@@ -45,8 +45,11 @@ _state: dict[str, object] = {"compiled": None, "failed": False}
 
 
 def compile_enabled() -> bool:
-    """Whether the CPU update runs compiled: ``$PEFTFX_OPTIM_COMPILE`` is not ``0`` and no compile has failed."""
-    return os.environ.get(COMPILE_ENV, "1") != "0" and not _state["failed"]
+    """Whether the CPU update runs compiled: ``$PEFTFX_OPTIM_COMPILE`` is not ``0``, no compile has failed, and
+    dynamo is not disabled (``TORCHDYNAMO_DISABLE=1`` would run the graph function uncompiled, where
+    ``prims.fma`` rounds twice: the eager path is the faithful one then)."""
+    return (os.environ.get(COMPILE_ENV, "1") != "0" and not _state["failed"]
+            and os.environ.get("TORCHDYNAMO_DISABLE", "0") != "1")
 
 
 def reset_fallback() -> None:
