@@ -5,7 +5,8 @@ gradients; every contender owns an identical copy. One timed call is one ``optim
 alternate within each round (:func:`bench.common.interleaved`), medians of ``--reps`` rounds after warm-up
 steps (torchao compiles its step with inductor during the warm-up; that compile time is reported apart).
 
-Rows per size: step ms, step / torch AdamW, step / torchao AdamW8bit, state MiB (every tensor the optimizer
+On the CPU, ``peftfx AdamW8bit`` runs its inductor-compiled update and ``peftfx AdamW8bit eager`` the eager
+fallback (``PEFTFX_OPTIM_COMPILE=0``). Rows per size: step ms, step / torch AdamW, step / torchao AdamW8bit, state MiB (every tensor the optimizer
 holds), state / torch's. On CUDA (``--device cuda``, run by bench/gpu_check.sh) it adds bitsandbytes'
 AdamW8bit / PagedAdamW8bit and the paged variants, and a peak-GPU-memory column: ``max_memory_allocated``
 during a step, parameters and gradients included (the paged optimizers keep their state in host memory).
@@ -15,6 +16,7 @@ during a step, parameters and gradients included (the paged optimizers keep thei
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,6 +48,8 @@ def _contenders(device: str, torchao: bool) -> dict[str, Callable[[list], torch.
         "torch AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "peftfx AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3),
     }
+    if device == "cpu":  # the fallback without inductor (PEFTFX_OPTIM_COMPILE=0)
+        makers["peftfx AdamW8bit eager"] = lambda ps: _eager(AdamW8bit(ps, lr=1e-3))
     if torchao:
         try:
             from torchao.optim import AdamW8bit as AoAdamW8bit
@@ -66,6 +70,27 @@ def _contenders(device: str, torchao: bool) -> dict[str, Callable[[list], torch.
     return makers
 
 
+def _eager(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` whose steps run with PEFTFX_OPTIM_COMPILE=0 (the eager CPU update)."""
+    from peftfx.kernels.adam8bit_compiled import COMPILE_ENV
+
+    step = opt.step
+
+    def eager_step(*args, **kwargs):
+        old = os.environ.get(COMPILE_ENV)
+        os.environ[COMPILE_ENV] = "0"
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ[COMPILE_ENV]
+            else:
+                os.environ[COMPILE_ENV] = old
+
+    opt.step = eager_step  # type: ignore[method-assign]
+    return opt
+
+
 def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -78,7 +103,7 @@ def run(count: int, reps: int, device: str, torchao: bool) -> list[list[object]]
         params = _params(count, device)
         opt = make(params)
         start = time.perf_counter()
-        opt.step()  # first step: state allocation (and torchao's compile)
+        opt.step()  # first step: state allocation (and the inductor compiles: peftfx's update, torchao's step)
         sync()
         compile_s[name] = time.perf_counter() - start
         setups[name] = (params, opt)
@@ -154,7 +179,8 @@ def main(argv: list[str] | None = None) -> str:
     body = (f"## optim ({args.device}): one AdamW step, peftfx.optim vs torch and torchao\n\n{machine_markdown()}\n"
             f"Median of {args.reps} interleaved rounds, {args.threads} thread(s); fp32 parameters, [1024, 1024] "
             f"matrices. Targets: {TARGETS}. State = every tensor the optimizer holds. `first step s` includes "
-            "state allocation and, for torchao, its inductor compile of the step. The machine is shared: other "
+            "state allocation and the inductor compile of the update (peftfx, torchao); for peftfx it depends on "
+            "inductor's on-disk cache (cold vs warm: see the reading below). The machine is shared: other "
             "jobs ran during the measurement (load average above), which inflates absolute times; ratios come from "
             "interleaved rounds.\n\n" + table)
     write_section(f"optim_{args.device}", body, args.out)

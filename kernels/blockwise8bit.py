@@ -24,8 +24,10 @@ The AdamW step on one tensor (all in fp32; ``bc1 = 1 - beta1**t``, ``bc2 = 1 - b
     absmax1' = max(max|m| over the block, 2**-126);  c1' = code1(m * (1 / absmax1'))
     absmax2' = max(max v  over the block, 2**-126);  c2' = code2(v * (1 / absmax2'))
 
-:func:`adamw8bit_step_reference` is the plain oracle; :func:`adamw8bit_step_` the CPU product path (the
-same ops, in cache-sized chunks, into preallocated buffers); ``adam8bit_triton`` the CUDA kernel.
+:func:`adamw8bit_step_reference` is the plain oracle; :func:`adamw8bit_step_` the eager CPU path (the same ops,
+in cache-sized chunks, into preallocated buffers; the fallback when inductor is off or unavailable);
+``adam8bit_compiled`` the CPU product path (these ops compiled by inductor into one loop over blocks);
+``adam8bit_triton`` the CUDA kernel.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@
 - :func:`optimizer_state_bytes` / :func:`optimizer_step_bytes`: what each optimizer keeps and what its step
   allocates (``peftfx estimate`` uses them).
 
-The update kernels live in ``peftfx.kernels.blockwise8bit`` (CPU, the reference) and
-``peftfx.kernels.adam8bit_triton`` (CUDA).
+The update kernels live in ``peftfx.kernels.blockwise8bit`` (the reference and the eager CPU path),
+``peftfx.kernels.adam8bit_compiled`` (CPU: the reference's ops compiled by inductor; ``PEFTFX_OPTIM_COMPILE=0``
+selects the eager path) and ``peftfx.kernels.adam8bit_triton`` (CUDA).
 """
 from __future__ import annotations
 

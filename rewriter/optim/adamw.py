@@ -12,7 +12,8 @@ local shard only):
 - fp32 (smaller tensors, and every tensor of ``PagedAdamW``): ``exp_avg``, ``exp_avg_sq`` fp32, param-shaped;
 - ``step``: a float32 scalar on the host, as torch's AdamW.
 
-The update is :mod:`peftfx.kernels.blockwise8bit`'s (the CPU path) or :mod:`peftfx.kernels.adam8bit_triton`'s
+The update is :mod:`peftfx.kernels.adam8bit_compiled`'s on the CPU (the reference's ops compiled by inductor
+into one kernel per tensor; eager :mod:`peftfx.kernels.blockwise8bit` with ``PEFTFX_OPTIM_COMPILE=0``) or :mod:`peftfx.kernels.adam8bit_triton`'s
 (CUDA): decoupled weight decay, bias correction, ``eps`` outside the square root, exactly torch's AdamW
 formula with the moments read from and written back to their 8-bit codes.
 
@@ -30,8 +31,9 @@ import torch
 from torch import Tensor
 
 from peftfx.errors import CheckpointError, KernelError, PlanError
+from peftfx.kernels.adam8bit_compiled import adamw8bit_step_cpu_
 from peftfx.kernels.blockwise8bit import (
-    MIN_8BIT_NUMEL, AdamWHyper, adamw8bit_step_, adamw8bit_step_reference, adamw32_step_, n_state_blocks, new_state,
+    MIN_8BIT_NUMEL, AdamWHyper, adamw8bit_step_reference, adamw32_step_, n_state_blocks, new_state,
 )
 from peftfx.optim.paging import StatePager, pinned_like
 
@@ -230,8 +232,8 @@ def _update(p: Tensor, g: Tensor, state: dict[str, Tensor], *, h: AdamWHyper) ->
             from peftfx.kernels.adam8bit_triton import adamw8bit_step_triton  # lazy: Triton is optional
 
             adamw8bit_step_triton(work, g, state["codes"], state["absmax"], h)
-        elif p.device.type == "cpu":
-            adamw8bit_step_(work, g, state["codes"], state["absmax"], h)
+        elif p.device.type == "cpu":  # compiled by inductor, or eager (PEFTFX_OPTIM_COMPILE=0)
+            adamw8bit_step_cpu_(work, g, state["codes"], state["absmax"], h)
         else:  # any other device: the plain oracle, in torch ops
             adamw8bit_step_reference(work, g, state["codes"], state["absmax"], h)
     else:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from peftfx.kernels.adam8bit_compiled import COMPILE_ENV
 from peftfx.optim import AdamW8bit
 from tests.rewriter.test_distributed import WORLD, load_rank_results, run_workers
 
@@ -71,6 +72,9 @@ def _fsdp(rank: int) -> dict:
 
 def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    # the eager CPU update: compiling it in both spawned ranks costs ~45 s on a cold inductor cache, and the
+    # compiled update equals the eager one (state bit for bit) in tests/optim/test_compiled_step.py
+    os.environ[COMPILE_ENV] = "0"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     results = {}
@@ -88,7 +92,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
 def _reference() -> dict:
     model = _model()
-    losses, _ = _train(model, model.parameters(), None)
+    old = os.environ.get(COMPILE_ENV)
+    os.environ[COMPILE_ENV] = "0"  # the ranks' eager update (see _worker)
+    try:
+        losses, _ = _train(model, model.parameters(), None)
+    finally:
+        os.environ.pop(COMPILE_ENV) if old is None else os.environ.update({COMPILE_ENV: old})
     return {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
