@@ -18,10 +18,11 @@ Runs go to 2 worker processes of 1 thread each (the machine's 2 cores), pre-trai
 longest jobs first so both workers finish together (:mod:`.runs`). Every run books its CPU time
 (optimizer steps, evaluation, model preparation) and the section ends with where the time went and
 a quiet-machine projection of the wall time from CPU time (:mod:`.timing`), so a run slowed by other
-jobs on the machine can still be judged. The full run is ~20 CPU-minutes of runs plus ~4 of
-pre-training (cached), ~13-16 min of wall time with 2 workers on a quiet machine; ``--time-limit MIN``
-stops starting new jobs and reports what finished. ``--quick`` (3 tiny sizes, 4 data sizes,
-<= 150-300 steps per run) is ~3 CPU-minutes, <= 2 min with 2 workers; ``--smoke`` (2 sizes, tens
+jobs on the machine can still be judged. Measured (bench/RESULTS.md): the full run is ~24 CPU-minutes
+of runs plus ~3 of pre-training (cached), ~12-14 min of wall time with 2 workers on a quiet machine
+(50 min at load 7-10); ``--time-limit MIN`` stops starting new jobs and reports what finished.
+``--quick`` (3 tiny sizes, 4 data sizes, <= 150-300 steps per run) is ~2.7 CPU-minutes, 2.7 min of
+wall time with 2 workers at load 4-7 (~1.4 min projected quiet); ``--smoke`` (2 sizes, tens
 of steps: no science) ~20 CPU-seconds, the default test suite's end-to-end check. Both write under
 out/transfer_scaling_{quick,smoke}/ unless told otherwise.
 """

@@ -5,8 +5,9 @@ Dataset sizes count byte tokens. Every run trains up to ``max_steps`` with early
 :mod:`bench.transfer_scaling.train`): small sets overfit and stop early, large ones use the cap, so
 the loss is data-limited where the data is small and step-limited past ~``max_steps * batch * seq``
 tokens. In the full run scratch runs and fine-tunes get the same step cap (as in Hernandez et al., both
-are trained to their early-stopping point): with a lower fine-tuning cap, the largest fine-tuning
-sets were step-limited where scratch was not, which showed up as false ossification. The scratch
+are trained to their early-stopping point; a lower fine-tuning cap would leave the largest
+fine-tuning sets step-limited where scratch is not). Ossification at D_F = 100k persists with equal
+caps (bench/RESULTS.md), so it is not an artifact of the cap. The scratch
 curve extends 3x past the largest fine-tuning set so that fine-tuned losses, lower than scratch at
 the same D when transfer helps, can still be interpolated on it.
 """
