@@ -35,7 +35,7 @@ def scratch_curves(rows: list[dict]) -> dict[str, tuple]:
 
 
 def transfer_rows(rows: list[dict]) -> list[dict]:
-    """One row per fine-tuning run: method, size, N, D_F, loss, D_E, D_T and the flags."""
+    """One row per fine-tuning run: method, size, N, D_F, loss, D_E, D_T, the flags and the run's steps and CPU."""
     curves = scratch_curves(rows)
     out = []
     for r in rows:
@@ -46,7 +46,8 @@ def transfer_rows(rows: list[dict]) -> list[dict]:
         d_e = effective_data(r["test_loss"], curve, extrapolate=True)
         out.append({"method": r["arm"], "size": r["size"], "N": r["N"], "D_F": r["D"], "finetuned_loss": r["test_loss"],
                     "D_E": d_e, "D_T": d_e - r["D"], "extrapolated": not low <= r["test_loss"] <= high,
-                    "ossified": d_e - r["D"] <= 0})
+                    "ossified": d_e - r["D"] <= 0,
+                    **{k: r[k] for k in ("steps", "best_step", "train_cpu", "eval_cpu") if k in r}})
     return out
 
 

@@ -92,9 +92,10 @@ def pretrained(size: ModelSize, tokens: torch.Tensor, data_digest: str, sched: S
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(blob["state_dict"])
         return model, {**json.loads(blob["meta"]), "cached": True}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     last = pretrain_steps(model, tokens, sched, seed)
-    meta = {"size": size.name, "train_loss": last, "seconds": time.perf_counter() - start, "steps": sched.max_steps}
+    meta = {"size": size.name, "train_loss": last, "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start, "steps": sched.max_steps}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"state_dict": model.state_dict(), "meta": json.dumps(meta)}, tmp)
     os.replace(tmp, path)

@@ -45,7 +45,10 @@ class RunResult:
     val_loss: float
     best_step: int
     steps: int  # steps actually run
-    seconds: float
+    seconds: float  # wall
+    train_cpu: float  # CPU seconds of this process in optimizer steps (time.process_time)
+    eval_cpu: float  # ... and in held-out evaluations
+    evals: int  # validation passes (each improving one adds a test pass)
 
 
 def lm_loss(model: Callable, tokens: torch.Tensor) -> torch.Tensor:
@@ -98,11 +101,13 @@ def pretrain_steps(model: torch.nn.Module, tokens: torch.Tensor, sched: Schedule
 def train_early_stopped(model: torch.nn.Module, params, tokens: torch.Tensor, val: torch.Tensor, test: torch.Tensor,
                         sched: Schedule, seed: int) -> RunResult:
     """Train ``params`` of ``model`` on ``tokens`` with early stopping on ``val``; see the module docstring."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     params = [p for p in params if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(params, sched.lr)
+    eval_cpu = time.process_time()
     best_val, best_test, best_step = heldout_loss(model, val), heldout_loss(model, test), 0
+    eval_cpu, evals = time.process_time() - eval_cpu, 1
     since_best, step = 0, 0
     model.train()
     while step < sched.max_steps:
@@ -112,11 +117,14 @@ def train_early_stopped(model: torch.nn.Module, params, tokens: torch.Tensor, va
         every = 10 if step <= 100 else sched.eval_every
         if step % every and step != sched.max_steps:
             continue
-        val_loss = heldout_loss(model, val)
+        eval_start = time.process_time()
+        val_loss, evals = heldout_loss(model, val), evals + 1
         if val_loss < best_val:
             best_val, best_test, best_step, since_best = val_loss, heldout_loss(model, test), step, 0
         else:
             since_best += 1
-            if since_best >= sched.patience and step >= sched.min_steps:
-                break
-    return RunResult(best_test, best_val, best_step, step, time.perf_counter() - start)
+        eval_cpu += time.process_time() - eval_start
+        if since_best >= sched.patience and step >= sched.min_steps:
+            break
+    cpu = time.process_time() - cpu_start
+    return RunResult(best_test, best_val, best_step, step, time.perf_counter() - start, cpu - eval_cpu, eval_cpu, evals)
