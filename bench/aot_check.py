@@ -14,8 +14,8 @@ Subsets (cases x configs surviving pruning; compiles are cached under ``$PEFTFX_
 
 - ``default``: the representative cases of the test suite (the tightest keys: NF4 + double quant on
   A100 at M = 4096, decode M = 1, fp32, every format once, r = 128);
-- ``wide``: every kernel, dtype, format, double quant, M and target at N = K = 4096, r = 16 (~650
-  distinct compiles, ~40 CPU-minutes cold);
+- ``wide``: every kernel, dtype, format, double quant, M and target at N = K = 4096, r = 16 (620
+  cases, 536 distinct compiles, ~40 CPU-minutes cold);
 - ``full``: additionally r in {8, 64, 128} and (N, K) in {(4096, 11008), (11008, 4096)} (issue 19's
   whole grid: 7440 cases, 3568 distinct compiles, ~3 CPU-hours).
 
@@ -201,6 +201,41 @@ def _not_run_summary(missing: list) -> str:
     return "; ".join(f"r={r} N x K={nk} {dt}: {n}" for (r, nk, dt), n in sorted(groups.items()))
 
 
+def decode_cases() -> list:
+    """The cases of the decode before/after table: NF4 + double quant (bf16; fp16 FP4 once), r = 16,
+    N = K = 4096, the first candidate config of each kernel and target at M = 4096 and M = 1."""
+    from peftfx.kernels import aot_cases as ac
+
+    out = []
+    for fmt, dtype in ((("nf4", True), "bf16"), (("fp4", False), "fp16")):
+        for target in ("sm_90", "sm_80"):
+            for m in (4096, 1):
+                seen = set()
+                for c in ac.cases(targets=(target,), dtypes=(dtype,), formats=(fmt,), ranks=(16,), ms=(m,),
+                                  nks=((4096, 4096),)):
+                    if c.kernel not in seen and (dtype == "bf16" or c.kernel != "dx"):
+                        seen.add(c.kernel)
+                        out.append(c)
+    return out
+
+
+def decode_compare() -> str:
+    """Markdown: loop SASS instructions per decoded weight element, select tree (ASM_DECODE=False, the
+    interpreter's decode) vs inline-PTX prmt decode (what a GPU launch compiles), same configs."""
+    from peftfx.kernels.aot_cases import compile_case
+
+    lines = ["| kernel | target | dtype | format | M | config | tree instr/elem | prmt instr/elem | ratio "
+             "| regs tree -> prmt | shared B | spill B (prmt) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in decode_cases():
+        tree, asm = compile_case(c, asm_decode=False), compile_case(c, asm_decode=True)
+        cfg = "x".join(map(str, c.config[:3])) + f" w{c.config[3]} s{c.config[4]}"
+        t, a = tree["loop_instructions_per_w_element"], asm["loop_instructions_per_w_element"]
+        lines.append(f"| {c.kernel} | {c.target} | {c.dtype} | {c.format}{'+dq' if c.double_quant else ''} | {c.M} "
+                     f"| {cfg} | {t} | {a} | {a / t:.2f} | {tree['registers']} -> {asm['registers']} "
+                     f"| {asm['shared_bytes']} | {asm['spill_bytes']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True, help="write the case records here")
@@ -212,7 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--budget-s", type=float, help="stop starting compiles after this many seconds (0: report "
                     "only what the cache holds); cases left out are listed in OUT.not_run.json")
+    ap.add_argument("--decode-compare", action="store_true", help="only write the select-tree vs inline-PTX "
+                    "decode table (section aot_decode_sass_triton<version> with --results)")
     args = ap.parse_args(argv)
+    if args.decode_compare:
+        import triton
+
+        from bench.common import write_section
+
+        table = decode_compare()
+        print(table)
+        if args.results:
+            write_section(f"aot_decode_sass_triton{triton.__version__}",
+                          f"### Decode instructions per element, select tree vs prmt (Triton {triton.__version__})\n\n"
+                          + table, Path(args.results))
+        Path(args.json).write_text(json.dumps({"table": table}))
+        return 0
     if args.triton_venv:
         rest = [a for a in (argv if argv is not None else sys.argv[1:])]
         i = rest.index("--triton-venv")

@@ -177,8 +177,15 @@ def load_weight_tile(offs_n, k0, N, K,
     """
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    if SUB == 0 or FORMAT == 0 or FORMAT == 4:
-        # dense and llm-int8 are plain loads already; unaligned K falls back to per-element scales
+    if FORMAT == 4:
+        # LLM.int8 rows (the dX tile; the forward multiplies int8 on tensor cores): one absmax per row,
+        # loaded and divided by 127 once per row of the tile, as dequant_values' per-element formula
+        mask = n_mask[:, None] & (offs_k[None, :] < K)
+        q = tl.load(packed_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        absmax = tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0)
+        w = q * tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))[:, None]
+    elif SUB == 0 or FORMAT == 0:
+        # dense is a plain load already; unaligned K falls back to per-element scales
         mask = n_mask[:, None] & (offs_k[None, :] < K)
         w = dequant_values(offs_n[:, None] * K + offs_k[None, :], mask, packed_ptr, scales_ptr, scales2_ptr,
                            offset_ptr, code2_ptr, K, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2)
