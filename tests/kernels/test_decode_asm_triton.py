@@ -5,7 +5,9 @@ here and emulated instruction by instruction (``prmt`` byte permutes with their 
 ``lop3`` truth tables, ``fma.rn.{f16,bf16}x2`` as one rounding of the exact product) on every byte value
 in every position of the packed register, against the oracle's codebooks (``formats.NF4_CODE`` /
 ``FP4_CODE``). A wrong selector, table byte or operand order changes some output and fails. That the
-kernels compile with it for sm_80 / sm_90 is test_aot_resources.py's job.
+kernels compile with it for sm_80 / sm_90 is test_aot_resources.py's job; on a CUDA machine
+(bench/gpu_check.sh) the last test runs the same PTX on the device, which also checks how Triton packs
+the elements into the asm's registers.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import re
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from peftfx.kernels import decode_asm_triton as dat
+from peftfx.kernels.decode_triton import interpreting
 from peftfx.kernels.formats import code_for
 
 _LINE = re.compile(r"^([a-z0-9.]+)\s+(.*);$")
@@ -159,3 +164,29 @@ def test_a_wrong_selector_constant_fails(bad):
 def test_table_words_reject_a_wrong_codebook():
     with pytest.raises(ValueError, match="16-entry"):
         dat.table_words(torch.zeros(8), torch.float16)
+
+
+@triton.jit
+def _decode_kernel(b_ptr, s_ptr, hi_ptr, lo_ptr, CODEBOOK: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    hi, lo = dat.decode_pairs(tl.load(b_ptr + offs), tl.load(s_ptr + offs), CODEBOOK, s_ptr.dtype.element_ty)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
+@pytest.mark.skipif(interpreting() or not torch.cuda.is_available(), reason="runs the inline PTX on a CUDA GPU")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inline_ptx_on_the_gpu(fmt, dtype):
+    code = code_for(fmt)
+    g = torch.Generator().manual_seed(1)
+    byte = torch.arange(1024) % 256
+    byte = byte[torch.randperm(1024, generator=g)].to(torch.uint8)
+    scales = (torch.rand(1024, generator=g) * 0.2 + 1e-3).to(dtype)
+    hi = torch.empty(1024, dtype=dtype, device="cuda")
+    lo = torch.empty_like(hi)
+    _decode_kernel[(1,)](byte.cuda(), scales.cuda(), hi, lo, CODEBOOK=0 if fmt == "nf4" else 1, BLOCK=1024)
+    q = byte.long()
+    for got, nib in ((hi, q >> 4), (lo, q & 0xF)):
+        want = (code.to(dtype).float()[nib] * scales.float()).to(dtype)
+        assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
