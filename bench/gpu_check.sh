@@ -2,7 +2,7 @@
 # The one prepared script for a lent GPU (H200; torch 2.11 + Triton 3.6; no network), under 8 minutes:
 #   (default, about 7.5 minutes including startup)
 #   1. the kernel tests, natively: PEFTFX_KERNELS=triton, TRITON_INTERPRET=0, CI hypothesis profile:
-#      1a the Triton kernel tests (quantize, fused tiles, GEMV + decode) 230 s; 1b the rest of
+#      1a the Triton kernel tests (inline-PTX decode, quantize, fused tiles, GEMV) 230 s; 1b the rest of
 #      tests/kernels with the Triton backend forced, 60 s;
 #   2. fused NF4+LoRA forward and forward+backward vs bf16 F.linear + LoRA (cuBLAS), vs
 #      dequantize-then-matmul and vs bitsandbytes (if importable), M in (1, 16, 256, 4096),
@@ -97,7 +97,7 @@ fi
 
 # The Triton kernel tests first, so a failure elsewhere in tests/kernels cannot hide them under -x;
 # then the rest of tests/kernels (ops, reference, modules) with the Triton backend forced.
-TRITON_TESTS="tests/kernels/test_quant_triton.py tests/kernels/test_qlora_triton.py tests/kernels/test_gemv_triton.py"
+TRITON_TESTS="tests/kernels/test_decode_asm_triton.py tests/kernels/test_quant_triton.py tests/kernels/test_qlora_triton.py tests/kernels/test_gemv_triton.py"
 # shellcheck disable=SC2086
 run_tests "1a/2 Triton kernel tests" 230 $TRITON_TESTS
 # the AOT test compiles for sm_80/sm_90 on the CPU: it ran where the code was written, not needed here

@@ -10,8 +10,12 @@ the launcher would produce (:mod:`triton_aot`) and returns one record with the k
 spill_bytes, registers, mma, fits`` (plus ``model_shared_bytes``, the resource model's estimate, and
 the static per-element estimates).
 
-Identical compilations (e.g. N = 4096 and N = 11008, whose ints specialise alike) are compiled once:
-:func:`triton_aot.compile_resources` caches by kernel source + signature + constexprs + options.
+Identical compilations are compiled once: :func:`case_key` is the real specialisation key (kernel
+source + signature + constexprs + divisibility attributes + options + target). Triton specialises an
+int argument only on ``== 1`` and divisibility by 16, so N/K = 11008 and 4096 compile alike; they
+differ only where the launcher's choices differ (the configs surviving pruning, GEMV's SPLIT_K and
+K_SPLIT, SUB). r changes BLOCK_R (16, 16, 64, 128 for r = 8, 16, 64, 128) and, for r = 8, the
+divisibility of R and of the LoRA strides. The full grid is 7440 cases but 3568 distinct compiles.
 Used by ``tests/kernels/test_aot_resources.py`` and ``python -m bench.aot_check``.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from peftfx.kernels.triton_configs import (
     split_k,
 )
 
-__all__ = ["Case", "cases", "compile_case", "DTYPES", "FORMATS", "RANKS", "MS", "NKS"]
+__all__ = ["Case", "cases", "case_key", "compile_case", "DTYPES", "FORMATS", "RANKS", "MS", "NKS"]
 
 DTYPES = ("bf16", "fp16", "fp32")
 ESIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -95,8 +99,9 @@ def _wtype(fmt: str, dtype: str) -> str:
     return {"none": dtype, "nf4": "u8", "fp4": "u8", "int8": "i8", "int8-zeropoint": "u8", "llm-int8": "i8"}[fmt]
 
 
-def _compile_args(c: Case) -> tuple:
-    """(jit function, pointers, ints, constexprs) of the launch ``c`` stands for."""
+def _compile_args(c: Case, asm_decode: bool = True) -> tuple:
+    """(jit function, pointers, ints, constexprs) of the launch ``c`` stands for (``asm_decode``: the
+    ASM_DECODE constexpr, True as on a GPU; False compiles the interpreter's select-tree decode)."""
     bm, bn, bk, _, _ = c.config
     fid = format_id(c.format)
     dt = c.dtype
@@ -104,7 +109,8 @@ def _compile_args(c: Case) -> tuple:
     common = dict(FORMAT=fid, DOUBLE_QUANT=c.double_quant, CODEBOOK=codebook_id(c.format),
                   QBLOCK=QBLOCK if c.format not in ("none", "llm-int8") else 16,
                   QBLOCK2=QBLOCK2 if c.double_quant else 16, BLOCK_R=_block_r(c.r),
-                  PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                  PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                  ASM_DECODE=asm_decode)
     common["SUB"] = scale_sub(common["QBLOCK"], bk, c.K)
     m_key = min(triton.next_power_of_2(c.M), 4096)
     wptrs = dict(packed_ptr=_wtype(c.format, dt), scales_ptr=scales_t, scales2_ptr="fp32", offset_ptr="fp32",
@@ -131,13 +137,26 @@ def _compile_args(c: Case) -> tuple:
     return qlora_triton._qlora_forward_kernel, pointers, ints, consts
 
 
-def compile_case(c: Case, use_cache: bool = True) -> dict:
-    """The issue-19 record of case ``c`` (compiling it, or reading the AOT cache)."""
-    fn, pointers, ints, consts = _compile_args(c)
+def case_key(c: Case, asm_decode: bool = True) -> str:
+    """The compilation ``c`` needs (:func:`triton_aot.compile_key`): cases with equal keys share one compile."""
+    fn, pointers, ints, consts = _compile_args(c, asm_decode)
+    _, _, _, warps, stages = c.config
+    return triton_aot.compile_key(
+        fn, pointers=pointers, ints=ints, constexprs=consts, floats={"scaling": "fp32"}, num_warps=warps,
+        num_stages=stages, target=c.target, enable_fp_fusion=FP_FUSION)
+
+
+def compile_case(c: Case, use_cache: bool = True, asm_decode: bool = True, cache_only: bool = False) -> dict | None:
+    """The issue-19 record of case ``c`` (compiling it, or reading the AOT cache; ``cache_only``: None when
+    the cache does not hold it)."""
+    fn, pointers, ints, consts = _compile_args(c, asm_decode)
     bm, bn, bk, warps, stages = c.config
     res = triton_aot.compile_resources(fn, pointers=pointers, ints=ints, constexprs=consts,
                                        floats={"scaling": "fp32"}, num_warps=warps, num_stages=stages,
-                                       target=c.target, enable_fp_fusion=FP_FUSION, use_cache=use_cache)
+                                       target=c.target, enable_fp_fusion=FP_FUSION, use_cache=use_cache,
+                                       cache_only=cache_only)
+    if res is None:
+        return None
     spec = triton_aot.TARGETS[c.target]
     cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
     # static estimates: per weight element of one main-loop iteration (W tile BN x BK per program)

@@ -18,14 +18,28 @@ Two ways to read deq(W):
 ``K % SUB == 0``: then every aligned ``SUB``-run of a tile row lies in one quantization block, also
 when blocks cross rows. Otherwise ``SUB = 0`` and the tile is read through :func:`dequant_values`
 (correct for any K, one scale load per element; no real model has such a K).
+
+Two decodes of the 4-bit codes, chosen by the ``ASM_DECODE`` constexpr, which the launchers set from
+:func:`use_asm_decode` (the one switch; :func:`decode_heuristics`):
+
+- compiled for a GPU with fp16/bf16 activations: :func:`decode_asm_triton.decode_pairs`, table lookup
+  by ``prmt`` byte permutes in inline PTX, block scale applied by paired ``fma`` (lookup and scale take
+  about 3 SASS instructions per element where the select tree takes about 15; the whole inner loop is
+  counted in bench/RESULTS.md; values rounded to the activation dtype, see that module);
+- under ``TRITON_INTERPRET=1`` (no inline assembly) and for fp32 activations: the select tree
+  :func:`code_value` in fp32.
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
 
-__all__ = ["code_value", "dequant_values", "load_weight_tile", "scale_sub", "codebook_id", "dequant_matmul_tile",
-           "int8_matmul_tile", "lora_epilogue"]
+from peftfx.kernels.decode_asm_triton import decode_pairs
+
+__all__ = ["interpreting", "use_asm_decode", "decode_heuristics", "code_value", "dequant_values", "load_weight_tile",
+           "scale_sub", "codebook_id", "dequant_matmul_tile", "int8_matmul_tile", "lora_epilogue"]
 
 _CODEBOOKS = {"nf4": 0, "fp4": 1}
 
@@ -33,6 +47,23 @@ _CODEBOOKS = {"nf4": 0, "fp4": 1}
 def codebook_id(fmt: str) -> int:
     """The CODEBOOK constexpr for a 4-bit format (0 for formats without a codebook)."""
     return _CODEBOOKS.get(fmt, 0)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (numpy-backed Triton on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_asm_decode() -> bool:
+    """Whether launches decode 4-bit codes with inline PTX (compiled kernels) rather than the select tree
+    (the interpreter cannot run inline assembly)."""
+    return not interpreting()
+
+
+def decode_heuristics() -> dict:
+    """``triton.heuristics`` values of every kernel that calls :func:`load_weight_tile`: SUB and ASM_DECODE."""
+    return {"SUB": lambda a: scale_sub(a["QBLOCK"], a["BLOCK_K"], a["K"]),
+            "ASM_DECODE": lambda a: use_asm_decode()}
 
 
 def scale_sub(block_size: int, block_k: int, k: int) -> int:
@@ -137,44 +168,59 @@ def load_weight_tile(offs_n, k0, N, K,
                      packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr,
                      FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr,
                      QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, SUB: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 deq(W)[offs_n, k0:k0+BLOCK_K] as ``[BLOCK_N, BLOCK_K]`` (0 outside N and K).
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM_DECODE: tl.constexpr,
+                     OUT_DTYPE: tl.constexpr):
+    """deq(W)[offs_n, k0:k0+BLOCK_K] as ``[BLOCK_N, BLOCK_K]`` (0 outside N and K) in OUT_DTYPE, the dot
+    operand's dtype (decoded in fp32 and cast, except on the inline-PTX path, which decodes in OUT_DTYPE).
 
-    ``offs_n`` is ``[BLOCK_N]`` row indices; see the module docstring for SUB.
+    ``offs_n`` is ``[BLOCK_N]`` row indices; see the module docstring for SUB and ASM_DECODE.
     """
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    if SUB == 0 or FORMAT == 0 or FORMAT == 4:
-        # dense and llm-int8 are plain loads already; unaligned K falls back to per-element scales
+    if FORMAT == 4:
+        # LLM.int8 rows (the dX tile; the forward multiplies int8 on tensor cores): one absmax per row,
+        # loaded and divided by 127 once per row of the tile, as dequant_values' per-element formula
+        mask = n_mask[:, None] & (offs_k[None, :] < K)
+        q = tl.load(packed_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        absmax = tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0)
+        w = q * tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))[:, None]
+    elif SUB == 0 or FORMAT == 0:
+        # dense is a plain load already; unaligned K falls back to per-element scales
         mask = n_mask[:, None] & (offs_k[None, :] < K)
         w = dequant_values(offs_n[:, None] * K + offs_k[None, :], mask, packed_ptr, scales_ptr, scales2_ptr,
                            offset_ptr, code2_ptr, K, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2)
     else:
         NSB: tl.constexpr = BLOCK_K // SUB
-        if FORMAT == 1:
-            HALF: tl.constexpr = BLOCK_K // 2
-            offs_b = k0 // 2 + tl.arange(0, HALF)
-            bmask = n_mask[:, None] & (offs_b[None, :] < K // 2)
-            byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=bmask,
-                           other=0).to(tl.int32)
-            # even flat element in the high nibble: join(hi, lo) interleaves them back into K order
-            pair = tl.join(code_value(byte >> 4, CODEBOOK), code_value(byte & 0xF, CODEBOOK))
-            q = tl.reshape(pair, [BLOCK_N, NSB, SUB])
-        else:
-            mask = n_mask[:, None] & (offs_k[None, :] < K)
-            q = tl.load(packed_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0)
-            q = tl.reshape(q.to(tl.float32), [BLOCK_N, NSB, SUB])
         offs_s = k0 + tl.arange(0, NSB) * SUB  # first column of each scale run
         smask = n_mask[:, None] & (offs_s[None, :] < K)
         blk = (offs_n[:, None] * K + offs_s[None, :]) // QBLOCK  # [BLOCK_N, NSB]
         scale = _block_scales(blk, smask, scales_ptr, scales2_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, QBLOCK2)
-        if FORMAT == 3:
-            zp = tl.load(offset_ptr + blk, mask=smask, other=0.0)
-            w3 = (q - zp[:, :, None]) * scale[:, :, None]
+        if FORMAT == 1:
+            HALF: tl.constexpr = BLOCK_K // 2
+            offs_b = k0 // 2 + tl.arange(0, HALF)
+            bmask = n_mask[:, None] & (offs_b[None, :] < K // 2)
+            byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=bmask, other=0)
+            # even flat element in the high nibble: join(hi, lo) interleaves them back into K order
+            if ASM_DECODE and OUT_DTYPE != tl.float32:
+                # each packed byte's scale, in the dot's dtype: one load per block, broadcast in registers
+                s_b = tl.broadcast_to(scale.to(OUT_DTYPE)[:, :, None], [BLOCK_N, NSB, SUB // 2])
+                hi, lo = decode_pairs(byte, tl.reshape(s_b, [BLOCK_N, HALF]), CODEBOOK, OUT_DTYPE)
+                w = tl.reshape(tl.join(hi, lo), [BLOCK_N, BLOCK_K])
+            else:
+                byte = byte.to(tl.int32)
+                pair = tl.join(code_value(byte >> 4, CODEBOOK), code_value(byte & 0xF, CODEBOOK))
+                w = tl.reshape(tl.reshape(pair, [BLOCK_N, NSB, SUB]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
         else:
-            w3 = q * scale[:, :, None]
-        w = tl.reshape(w3, [BLOCK_N, BLOCK_K])
-    return w
+            mask = n_mask[:, None] & (offs_k[None, :] < K)
+            q = tl.load(packed_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0)
+            q = tl.reshape(q.to(tl.float32), [BLOCK_N, NSB, SUB])
+            if FORMAT == 3:
+                zp = tl.load(offset_ptr + blk, mask=smask, other=0.0)
+                w3 = (q - zp[:, :, None]) * scale[:, :, None]
+            else:
+                w3 = q * scale[:, :, None]
+            w = tl.reshape(w3, [BLOCK_N, BLOCK_K])
+    return w.to(OUT_DTYPE)
 
 
 @triton.jit
@@ -182,7 +228,8 @@ def dequant_matmul_tile(acc, x_ptr, stride_xm, stride_xk, offs_m, M, offs_n, N, 
                         packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr,
                         FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr,
                         QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, SUB: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        ASM_DECODE: tl.constexpr):
     """``acc + x[offs_m, k_lo:k_hi] · deq(W)[offs_n, k_lo:k_hi]ᵀ`` (fp32 ``[BLOCK_M, BLOCK_N]``).
 
     ``k_lo`` is a multiple of BLOCK_K. W tiles are decoded in registers (:func:`load_weight_tile`),
@@ -195,7 +242,8 @@ def dequant_matmul_tile(acc, x_ptr, stride_xm, stride_xk, offs_m, M, offs_n, N, 
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         w = load_weight_tile(offs_n, k0, N, K, packed_ptr, scales_ptr, scales2_ptr, offset_ptr, code2_ptr,
-                             FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, BLOCK_N, BLOCK_K)
+                             FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, BLOCK_N, BLOCK_K, ASM_DECODE,
+                             x_ptr.dtype.element_ty)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
     return acc
 

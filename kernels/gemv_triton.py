@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peftfx.kernels.decode_triton import dequant_matmul_tile, int8_matmul_tile, lora_epilogue, scale_sub
+from peftfx.kernels.decode_triton import decode_heuristics, dequant_matmul_tile, int8_matmul_tile, lora_epilogue
 from peftfx.kernels.quant_triton import interpreting
 from peftfx.kernels.triton_configs import FP_FUSION, GEMV_MAX_M, configs_for, device_limits, early_prune, split_k
 
@@ -46,7 +46,7 @@ def gemv_split(n: int, k: int) -> tuple[int, int]:
 
 @triton.autotune(configs=configs_for("gemv"), key=_KEY, reset_to_zero=["y_ptr"],
                  prune_configs_by={"early_config_prune": early_prune("gemv", "x_ptr")})
-@triton.heuristics({"SUB": lambda a: scale_sub(a["QBLOCK"], a["BLOCK_K"], a["K"])})
+@triton.heuristics(decode_heuristics())
 @triton.jit
 def _qlora_gemv_kernel(
     # pointers
@@ -59,7 +59,8 @@ def _qlora_gemv_kernel(
     # constexprs
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr, QBLOCK: tl.constexpr,
     QBLOCK2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr, ASM_DECODE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[:M, n-slice] (+)= x[:, k-range]·deq(W)[n-slice, k-range]ᵀ (+ epilogue on split 0)."""
@@ -78,7 +79,7 @@ def _qlora_gemv_kernel(
         acc = dequant_matmul_tile(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptr, stride_xm, stride_xk,
                                   offs_m, M, offs_n, N, K, k_lo, k_hi, packed_ptr, scales_ptr, scales2_ptr,
                                   offset_ptr, code2_ptr, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB,
-                                  PRECISION, BLOCK_N, BLOCK_K)
+                                  PRECISION, BLOCK_N, BLOCK_K, ASM_DECODE)
     # only split 0 adds bias / LoRA / outliers: the other splits see an all-false row mask there
     epi_rows = tl.where(pid_s == 0, M, 0)
     acc = lora_epilogue(acc, offs_m, offs_m < epi_rows, offs_n, n_mask, N, R, scaling, bias_ptr, xa_ptr,

@@ -11,7 +11,8 @@ Kernels (chosen by M at launch):
 - M <= 16: ``gemv_triton._qlora_gemv_kernel`` (W streamed once, split over K, epilogue fused).
 - ``_qlora_forward_kernel`` tiles y over (M, N). Its K loop (``decode_triton.dequant_matmul_tile``)
   loads the packed W tile ``[BLOCK_N, BLOCK_K/2]`` as wide row vectors, decodes it in registers
-  (shift/mask, select tree over the NF4/FP4 constants, one scale load per quantization block), casts
+  (shift/mask, then ``prmt`` table lookups in inline PTX on GPUs or a select tree under the
+  interpreter, one scale load per quantization block), casts
   it to x's dtype and feeds ``tl.dot`` with an fp32 accumulator (fp32 x: tf32x3). deq(W) is never
   written to global memory. The epilogue (``decode_triton.lora_epilogue``) adds the bias and the
   rank-r term ``s·xa·Bᵀ`` (xa = xl·Aᵀ ``[M, r]``, one skinny torch matmul before launch; r is padded
@@ -42,8 +43,8 @@ import triton.language as tl
 
 from peftfx.errors import KernelError
 from peftfx.kernels.formats import QuantizedWeight
-from peftfx.kernels.decode_triton import (codebook_id, dequant_matmul_tile, int8_matmul_tile, load_weight_tile,
-                                          lora_epilogue, scale_sub)
+from peftfx.kernels.decode_triton import (codebook_id, decode_heuristics, dequant_matmul_tile, int8_matmul_tile,
+                                          load_weight_tile, lora_epilogue)
 from peftfx.kernels.gemv_triton import launch_gemv, use_gemv
 from peftfx.kernels.quant_triton import check_quantized, format_id, interpreting, kernel_tensors
 from peftfx.kernels.triton_configs import FP_FUSION, configs_for, early_prune
@@ -55,8 +56,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # M varies with every batch/sequence length in training: tune per power-of-two bucket, not per M.
 _KEY = ["M_KEY", "N", "K", "FORMAT", "DOUBLE_QUANT", "QBLOCK", "BLOCK_R", "PRECISION"]
-# SUB (see decode_triton.scale_sub) depends on the config's BLOCK_K: computed per launch
-_SUB = {"SUB": lambda a: scale_sub(a["QBLOCK"], a["BLOCK_K"], a["K"])}
 
 
 @triton.jit
@@ -71,7 +70,7 @@ def _grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
 
 @triton.autotune(configs=configs_for("forward"), key=_KEY,
                  prune_configs_by={"early_config_prune": early_prune("forward", "x_ptr")})
-@triton.heuristics(_SUB)
+@triton.heuristics(decode_heuristics())
 @triton.jit
 def _qlora_forward_kernel(
     # pointers
@@ -84,7 +83,7 @@ def _qlora_forward_kernel(
     # constexprs
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr, QBLOCK: tl.constexpr,
     QBLOCK2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr, ASM_DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[BLOCK_M, BLOCK_N] = x·deq(W)ᵀ + b + s·xa·Bᵀ, W tiles dequantized in registers."""
@@ -100,7 +99,7 @@ def _qlora_forward_kernel(
         acc = dequant_matmul_tile(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptr, stride_xm, stride_xk,
                                   offs_m, M, offs_n, N, K, 0, K, packed_ptr, scales_ptr, scales2_ptr, offset_ptr,
                                   code2_ptr, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, PRECISION,
-                                  BLOCK_N, BLOCK_K)
+                                  BLOCK_N, BLOCK_K, ASM_DECODE)
     acc = lora_epilogue(acc, offs_m, m_mask, offs_n, n_mask, N, R, scaling, bias_ptr, xa_ptr, stride_xam,
                         lora_b_ptr, stride_bn, extra_ptr, HAS_BIAS, HAS_LORA, HAS_EXTRA, BLOCK_R,
                         PRECISION)
@@ -110,7 +109,7 @@ def _qlora_forward_kernel(
 
 @triton.autotune(configs=configs_for("dx"), key=_KEY,
                  prune_configs_by={"early_config_prune": early_prune("dx", "dy_ptr")})
-@triton.heuristics(_SUB)
+@triton.heuristics(decode_heuristics())
 @triton.jit
 def _qlora_dx_kernel(
     # pointers
@@ -123,7 +122,7 @@ def _qlora_dx_kernel(
     # constexprs
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, CODEBOOK: tl.constexpr, QBLOCK: tl.constexpr,
     QBLOCK2: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr,
+    SUB: tl.constexpr, ASM_DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx[BLOCK_M, BLOCK_K] = dy·deq(W) (+ s·(dy·B)·A); the reduction runs over N in BLOCK_N steps,
@@ -139,7 +138,8 @@ def _qlora_dx_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
         w = load_weight_tile(offs_n, pid_k * BLOCK_K, N, K, packed_ptr, scales_ptr, scales2_ptr, offset_ptr,
-                             code2_ptr, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, BLOCK_N, BLOCK_K)
+                             code2_ptr, FORMAT, DOUBLE_QUANT, CODEBOOK, QBLOCK, QBLOCK2, SUB, BLOCK_N, BLOCK_K,
+                             ASM_DECODE, dy_ptr.dtype.element_ty)
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=PRECISION)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)

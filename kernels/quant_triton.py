@@ -33,7 +33,6 @@ shared with the fused matmuls in ``qlora_triton.py`` so both read the storage th
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -42,7 +41,7 @@ import triton.language as tl
 from peftfx.errors import KernelError
 from peftfx.kernels import formats
 from peftfx.kernels import quantizer
-from peftfx.kernels.decode_triton import codebook_id, dequant_values
+from peftfx.kernels.decode_triton import codebook_id, dequant_values, interpreting
 from peftfx.kernels.formats import QuantizedWeight
 
 __all__ = ["quantize_triton", "dequantize_triton", "dequant_values", "format_id", "kernel_tensors",
@@ -58,11 +57,6 @@ _ELEMS_PER_PROG_INTERPRET = 16384  # the interpreter pays per op, not per elemen
 
 def _elems_per_prog() -> int:
     return _ELEMS_PER_PROG_INTERPRET if interpreting() else _ELEMS_PER_PROG
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (numpy-backed Triton on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def format_id(fmt: str) -> int:

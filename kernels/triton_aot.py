@@ -34,7 +34,7 @@ from pathlib import Path
 
 import triton
 
-__all__ = ["TARGETS", "TargetSpec", "KernelResources", "compile_resources", "specialize", "cache_dir",
+__all__ = ["TARGETS", "TargetSpec", "KernelResources", "compile_resources", "compile_key", "specialize", "cache_dir",
            "cuda_tool"]
 
 
@@ -162,20 +162,37 @@ def _inspect(compiled, elapsed: float) -> KernelResources:
                            loop_mma=loop_mma, compile_s=round(elapsed, 2), triton_version=triton.__version__)
 
 
-def compile_resources(fn, *, pointers: dict[str, str], ints: dict[str, int], constexprs: dict[str, object],
-                      floats: dict[str, str] | None = None, num_warps: int = 4, num_stages: int = 3,
-                      target: str | TargetSpec = "sm_90", enable_fp_fusion: bool = False,
-                      use_cache: bool = True) -> KernelResources:
-    """Compile ``fn`` (a ``@triton.jit`` function, or an autotuned/heuristics wrapper of one) for
-    ``target`` and return its :class:`KernelResources`, from the on-disk cache when present."""
+def _prepare(fn, pointers, ints, constexprs, floats, num_warps, num_stages, target, enable_fp_fusion):
     while not hasattr(fn, "arg_names") or not hasattr(fn, "cache_key"):
         fn = fn.fn  # Autotuner / Heuristics wrap the JITFunction
     spec = TARGETS[target] if isinstance(target, str) else target
     sig, consts, attrs = specialize(fn, pointers=pointers, ints=ints, floats=floats, constexprs=constexprs)
     options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=enable_fp_fusion)
-    path = cache_dir() / f"{fn.__name__}-{_key(fn, sig, consts, attrs, options, spec)}.json"
+    return fn, spec, sig, consts, attrs, options, _key(fn, sig, consts, attrs, options, spec)
+
+
+def compile_key(fn, *, pointers: dict[str, str], ints: dict[str, int], constexprs: dict[str, object],
+                floats: dict[str, str] | None = None, num_warps: int = 4, num_stages: int = 3,
+                target: str | TargetSpec = "sm_90", enable_fp_fusion: bool = False) -> str:
+    """The key :func:`compile_resources` caches under: equal keys are one and the same compilation
+    (Triton specialises ints only on ``== 1`` and divisibility by 16, so e.g. N = 4096 and 11008 agree)."""
+    return _prepare(fn, pointers, ints, constexprs, floats, num_warps, num_stages, target, enable_fp_fusion)[-1]
+
+
+def compile_resources(fn, *, pointers: dict[str, str], ints: dict[str, int], constexprs: dict[str, object],
+                      floats: dict[str, str] | None = None, num_warps: int = 4, num_stages: int = 3,
+                      target: str | TargetSpec = "sm_90", enable_fp_fusion: bool = False,
+                      use_cache: bool = True, cache_only: bool = False) -> KernelResources | None:
+    """Compile ``fn`` (a ``@triton.jit`` function, or an autotuned/heuristics wrapper of one) for
+    ``target`` and return its :class:`KernelResources`, from the on-disk cache when present
+    (``cache_only``: None instead of compiling)."""
+    fn, spec, sig, consts, attrs, options, key = _prepare(fn, pointers, ints, constexprs, floats, num_warps,
+                                                          num_stages, target, enable_fp_fusion)
+    path = cache_dir() / f"{fn.__name__}-{key}.json"
     if use_cache and path.exists():
         return KernelResources(**json.loads(path.read_text()))
+    if cache_only:
+        return None
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
