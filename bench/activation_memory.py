@@ -37,8 +37,15 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, interleaved, machine_markdown, markdown_table, peak_bytes, resident_bytes, \
-    write_section
+from bench.common import (
+    RESULTS,
+    interleaved,
+    machine_markdown,
+    markdown_table,
+    peak_bytes,
+    resident_bytes,
+    write_section,
+)
 from bench.cpu_train import build_model, peftfx_plan, setup_bnb
 
 __all__ = ["main", "run"]

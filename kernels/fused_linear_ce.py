@@ -41,7 +41,7 @@ from torch import Tensor
 from peftfx.errors import KernelError
 from peftfx.kernels.fused_ops import check_reduction, cross_entropy_grad_rows, nll_of_logits
 
-__all__ = ["linear_cross_entropy", "chunk_rows"]
+__all__ = ["chunk_rows", "linear_cross_entropy"]
 
 aten = torch.ops.aten
 

@@ -34,8 +34,17 @@ from torch import Tensor
 
 from peftfx.errors import KernelError
 
-__all__ = ["ACTIVATIONS", "REDUCTIONS", "CHUNK_ELEMENTS", "act_mul", "cross_entropy", "apply_activation",
-           "nll_of_logits", "cross_entropy_grad_rows", "check_reduction"]
+__all__ = [
+    "ACTIVATIONS",
+    "CHUNK_ELEMENTS",
+    "REDUCTIONS",
+    "act_mul",
+    "apply_activation",
+    "check_reduction",
+    "cross_entropy",
+    "cross_entropy_grad_rows",
+    "nll_of_logits",
+]
 
 aten = torch.ops.aten
 

@@ -18,6 +18,7 @@ from peftfx.passes.activation_checkpoint import checkpoint_blocks
 from peftfx.passes.fuse_activations import fuse_activations
 from peftfx.passes.fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from tests.model_zoo import VOCAB, make_case
+from tests.training import saved_activation_bytes
 
 LCE = torch.ops.peftfx.linear_cross_entropy.default
 CE = torch.ops.peftfx.cross_entropy.default
@@ -145,24 +146,11 @@ def test_the_logits_are_not_saved_for_backward(compiled):
     case, unfused, fused, _ = compiled("llama")
     inputs = case.other_inputs  # B=3, S=11: not the export's sizes
 
-    def saved(gm):
-        seen = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        params = {p.untyped_storage().data_ptr() for p in [*gm.parameters(), *gm.buffers()]}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            gm(**inputs)
-        return sum(v for k, v in seen.items() if k not in params)
-
     b, s = inputs["input_ids"].shape
     hidden = case.model.config.hidden_size
     # the fp32 [tokens, vocab] logits go; the head's input [tokens, hidden] stays (the op recomputes
     # the logits from it; the unfused linear did not keep it, its weight being frozen)
-    assert saved(unfused) - saved(fused) == b * s * (VOCAB - hidden) * 4
+    assert saved_activation_bytes(unfused, inputs) - saved_activation_bytes(fused, inputs) == b * s * (VOCAB - hidden) * 4
 
 
 def test_runs_between_fuse_activations_and_freeze_and_a_second_run_finds_nothing(compiled):
