@@ -13,23 +13,34 @@ What autograd saves, and what the backward holds:
 * the unfused chain saves the logits (or log_softmax's output: ``[N, V]``) for the loss, and its
   backward materializes the ``[N, V]`` gradient of the logits (and, with an upcast, its copy in the
   head's dtype) before the head's matmuls read it.
-* this op saves only ``hidden`` (which the head's own backward saves anyway), the weight, the bias,
-  the targets and the mean's divisor. When the caller drops the logits (the usual
-  ``model(**batch).loss.backward()``) they are freed right after the forward. The backward walks
-  row chunks of :func:`chunk_rows` rows: recompute the chunk's logits with the same ``linear``,
-  take the loss gradient of those rows (:func:`peftfx.kernels.fused_ops.cross_entropy_grad_rows`,
-  the ops autograd runs), add the rows of the logits' own upstream gradient if the caller
-  backpropagates through the logits too, cast to the head's dtype, then
-  ``grad_hidden[rows] = d @ weight``, ``grad_weight += d^T @ hidden[rows]``, ``grad_bias += d.sum(0)``
-  (weight and bias gradients accumulated in fp32 and cast once, only when they are needed).
-  Nothing ``[N, V]``-sized is allocated in backward; a chunk's logits are about as large as
-  ``hidden`` (``ceil(V / H)`` chunks, Liger's rule).
+* this op saves no ``[N, V]`` tensor. When the caller drops the logits (the usual
+  ``model(**batch).loss.backward()``) they are freed right after the forward. What it keeps
+  depends on whether the head trains:
+
+  - **frozen head** (QLoRA: weight and bias need no gradient): right after the forward, while
+    the logits exist, it computes ``d loss / d hidden`` for an upstream gradient of 1 chunk by
+    chunk (``peftfx::linear_cross_entropy_grad_hidden``) and keeps that ``[..., H]`` tensor
+    (the size of ``hidden``); backward scales it by the loss's gradient (and adds
+    ``grad_logits @ weight`` if the caller backpropagates through the logits too). No logits are
+    recomputed: the head costs the two matmuls it costs unfused.
+  - **trainable head** (``train_modules``, tied embeddings that train): it keeps ``hidden``
+    (which the head's own backward keeps anyway), the weight, the bias and the targets. The
+    backward walks row chunks: recompute the chunk's logits with the same ``linear``, take the
+    loss gradient of those rows (:func:`peftfx.kernels.fused_ops.cross_entropy_grad_rows`, the
+    ops autograd runs), add the rows of the logits' own upstream gradient, cast to the head's
+    dtype, then ``grad_hidden[rows] = d @ weight``, ``grad_weight += d^T @ hidden[rows]``,
+    ``grad_bias += d.sum(0)`` (weight and bias gradients accumulated in fp32 and cast once).
+
+  Chunks are :func:`chunk_rows` rows: ``ceil(V / H)`` chunks (Liger's rule: a chunk's logits
+  about as large as ``hidden``), at least :data:`MIN_CHUNK_ELEMENTS` logits each. Nothing
+  ``[N, V]``-sized is allocated besides the forward's logits.
 
 Numerics: the logits and the loss are bitwise the unfused graph's (the forward runs the same aten
 ops). Gradients agree to float rounding, not bitwise: the weight gradient is a sum over chunks of
-partial products instead of one matmul, and a chunk's recomputed logits may round differently from
-the full matmul's rows. The backward is itself an op without a derivative: a second backward
-through the loss (``create_graph=True``) raises.
+partial products instead of one matmul, a chunk's recomputed logits may round differently from the
+full matmul's rows, and a frozen head's hidden gradient is scaled after the matmul, not before.
+The backward has no derivative: a second backward through the loss (``create_graph=True``)
+raises.
 
 Pure PyTorch: the same code runs on CPU and CUDA (matmuls, row reductions).
 """
@@ -41,16 +52,23 @@ from torch import Tensor
 from peftfx.errors import KernelError
 from peftfx.kernels.fused_ops import check_reduction, cross_entropy_grad_rows, nll_of_logits
 
-__all__ = ["chunk_rows", "linear_cross_entropy"]
+__all__ = ["MIN_CHUNK_ELEMENTS", "chunk_rows", "linear_cross_entropy"]
 
 aten = torch.ops.aten
 
 
+MIN_CHUNK_ELEMENTS = 1 << 21
+"""A chunk's logits hold at least this many elements (8 MiB of fp32) when there are enough rows:
+short sequences split by Liger's rule alone run matmuls of a few rows (16 rows of a 1024 x 8192 head
+took 2.2x the time of 128-row chunks on one CPU core)."""
+
+
 def chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
-    """Rows per backward chunk: ``ceil(V / H)`` chunks, so one chunk's logits ``[rows, V]`` are
-    about the size of the hidden states ``[tokens, H]`` (Liger-Kernel's rule); at least 1."""
+    """Rows per chunk: ``ceil(V / H)`` chunks, so one chunk's logits ``[rows, V]`` are about the size
+    of the hidden states ``[tokens, H]`` (Liger-Kernel's rule), but at least
+    :data:`MIN_CHUNK_ELEMENTS` logits (and at least 1 row)."""
     chunks = max(1, -(-vocab // max(hidden, 1)))
-    return max(1, -(-tokens // chunks))
+    return max(1, -(-tokens // chunks), min(tokens, MIN_CHUNK_ELEMENTS // max(vocab, 1)))
 
 
 def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, reduction: str,
@@ -146,17 +164,64 @@ def _(grad_loss, grad_logits, hidden, weight, bias, target, total_weight, ignore
     return [t.new_empty(t.shape) for t, need in zip((hidden, weight, bias), needs) if need]
 
 
+@torch.library.custom_op("peftfx::linear_cross_entropy_grad_hidden", mutates_args=())
+def _grad_hidden_op(logits: Tensor, weight: Tensor, target: Tensor, total_weight: Tensor, ignore_index: int,
+                    reduction: str) -> Tensor:
+    """d loss / d hidden ``[..., H]`` for an upstream gradient of 1, from the forward's logits
+    ``[..., V]`` chunk by chunk (a frozen head's whole backward, done while the logits exist)."""
+    vocab, width = weight.shape
+    l2 = logits.reshape(-1, vocab)
+    n = l2.shape[0]
+    one = torch.ones((), dtype=logits.dtype, device=logits.device)
+    grad_h = logits.new_empty((*logits.shape[:-1], width), dtype=weight.dtype)
+    step = chunk_rows(n, vocab, width)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        d = cross_entropy_grad_rows(one, l2[s:e], target[s:e], total_weight, ignore_index, reduction)
+        torch.mm(d.to(weight.dtype), weight, out=grad_h.view(n, width)[s:e])
+        del d  # before the next chunk's is allocated
+    return grad_h
+
+
+@_grad_hidden_op.register_fake
+def _(logits, weight, target, total_weight, ignore_index, reduction):
+    return logits.new_empty((*logits.shape[:-1], weight.shape[1]), dtype=weight.dtype)
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, target, ignore_index, reduction, logits_dtype = inputs
-    # not the logits: the backward recomputes them chunk by chunk from hidden
-    ctx.save_for_backward(hidden, weight, bias, target, output[2])
     ctx.options = (ignore_index, reduction, logits_dtype)
     ctx.mark_non_differentiable(output[2])
     # an unused logits output gets no zero-filled [N, V] gradient: it stays None
     ctx.set_materialize_grads(False)
+    trains_head = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+    ctx.precomputed = ctx.needs_input_grad[0] and not trains_head
+    if ctx.precomputed:
+        # a frozen head (QLoRA): the loss's gradient w.r.t. hidden is computed now, from the logits
+        # the forward just made, for an upstream gradient of 1 (backward scales it): no logits
+        # recompute, and it is the same size as the hidden states the other path keeps
+        grad_h1 = torch.ops.peftfx.linear_cross_entropy_grad_hidden(output[0], weight, target, output[2],
+                                                                   ignore_index, reduction)
+        ctx.save_for_backward(grad_h1, weight, output[2])
+        return
+    # a trainable head: not the logits; the backward recomputes them chunk by chunk from hidden
+    ctx.save_for_backward(hidden, weight, bias, target, output[2])
+
+
+def _precomputed_backward(ctx, grad_logits, grad_loss):
+    if torch.is_grad_enabled():  # create_graph: grad_h1 carries no graph, a second derivative would be 0
+        raise KernelError("linear_cross_entropy: the loss is differentiable once; a second backward "
+                          "(create_graph=True) needs the unfused head (fuse_linear_cross_entropy off)")
+    grad_h1, weight, total_weight = ctx.saved_tensors
+    grad_h = grad_h1 * grad_loss if grad_loss is not None else torch.zeros_like(grad_h1)
+    if grad_logits is not None:  # the logits' own gradient goes through the head's matmul
+        grad_h = grad_h + torch.matmul(grad_logits.to(weight.dtype), weight)
+    return (grad_h,) + (None,) * 6
 
 
 def _backward(ctx, grad_logits, grad_loss, _grad_total_weight):
+    if ctx.precomputed:
+        return _precomputed_backward(ctx, grad_logits, grad_loss)
     hidden, weight, bias, target, total_weight = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              bias is not None and bool(ctx.needs_input_grad[2])]
