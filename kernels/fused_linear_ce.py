@@ -202,7 +202,7 @@ def _setup_context(ctx, inputs, output):
         # recompute, and it is the same size as the hidden states the other path keeps
         grad_h1 = torch.ops.peftfx.linear_cross_entropy_grad_hidden(output[0], weight, target, output[2],
                                                                    ignore_index, reduction)
-        ctx.save_for_backward(grad_h1, weight, output[2])
+        ctx.save_for_backward(grad_h1, weight)
         return
     # a trainable head: not the logits; the backward recomputes them chunk by chunk from hidden
     ctx.save_for_backward(hidden, weight, bias, target, output[2])
@@ -212,7 +212,7 @@ def _precomputed_backward(ctx, grad_logits, grad_loss):
     if torch.is_grad_enabled():  # create_graph: grad_h1 carries no graph, a second derivative would be 0
         raise KernelError("linear_cross_entropy: the loss is differentiable once; a second backward "
                           "(create_graph=True) needs the unfused head (fuse_linear_cross_entropy off)")
-    grad_h1, weight, total_weight = ctx.saved_tensors
+    grad_h1, weight = ctx.saved_tensors
     grad_h = grad_h1 * grad_loss if grad_loss is not None else torch.zeros_like(grad_h1)
     if grad_logits is not None:  # the logits' own gradient goes through the head's matmul
         grad_h = grad_h + torch.matmul(grad_logits.to(weight.dtype), weight)
