@@ -148,11 +148,12 @@ def test_the_logits_are_not_saved_for_backward(compiled):
 
     b, s = inputs["input_ids"].shape
     hidden = case.model.config.hidden_size
-    # the fp32 [tokens, vocab] logits and the int64 targets go; d loss / d hidden [tokens, hidden]
-    # comes (the frozen head's backward, computed in forward; the unfused linear kept nothing)
-    logits, targets, grad_hidden = b * s * VOCAB * 4, b * s * 8, b * s * hidden * 4
+    # the fp32 [tokens, vocab] logits, the int64 targets and the mean's fp32 divisor go; d loss / d
+    # hidden [tokens, hidden] comes (the frozen head's backward, computed in forward; the unfused
+    # linear kept nothing)
+    logits, targets, divisor, grad_hidden = b * s * VOCAB * 4, b * s * 8, 4, b * s * hidden * 4
     assert saved_activation_bytes(unfused, inputs) - saved_activation_bytes(fused, inputs) \
-        == logits + targets - grad_hidden
+        == logits + targets + divisor - grad_hidden
 
 
 def test_runs_between_fuse_activations_and_freeze_and_a_second_run_finds_nothing(compiled):
