@@ -172,12 +172,19 @@ def _grad_hidden_op(logits: Tensor, weight: Tensor, target: Tensor, total_weight
     vocab, width = weight.shape
     l2 = logits.reshape(-1, vocab)
     n = l2.shape[0]
-    one = torch.ones((), dtype=logits.dtype, device=logits.device)
+    valid = target != ignore_index
+    # nll_loss_backward's per-row factor (1 / total_weight for mean, 1 for sum; 0 for ignored rows)
+    # and log_softmax's backward, d = onehot(-g) + exp(lsm) * g, written over the chunk's log_softmax:
+    # one chunk temporary, not three (this runs at the end of the forward, where every saved
+    # activation is alive)
+    g = torch.where(valid, 1.0 / total_weight if reduction == "mean" else 1.0, 0.0).to(logits.dtype)[:, None]
+    safe = torch.where(valid, target, 0)[:, None]
     grad_h = logits.new_empty((*logits.shape[:-1], width), dtype=weight.dtype)
     step = chunk_rows(n, vocab, width)
     for s in range(0, n, step):
         e = min(n, s + step)
-        d = cross_entropy_grad_rows(one, l2[s:e], target[s:e], total_weight, ignore_index, reduction)
+        d = aten._log_softmax(l2[s:e], 1, False).exp_().mul_(g[s:e])
+        d.scatter_add_(1, safe[s:e], -g[s:e])
         torch.mm(d.to(weight.dtype), weight, out=grad_h.view(n, width)[s:e])
         del d  # before the next chunk's is allocated
     return grad_h
