@@ -82,7 +82,8 @@ def _head(ce: Node) -> dict | str:
         return f"the logits are not an LM head's aten.linear output ({getattr(what, '__name__', what)})"
     hidden, weight, *rest = node.args
     bias = rest[0] if rest else node.kwargs.get("bias")
-    h, w = tensor_meta(hidden) if isinstance(hidden, Node) else None, tensor_meta(weight) if isinstance(weight, Node) else None
+    h = tensor_meta(hidden) if isinstance(hidden, Node) else None
+    w = tensor_meta(weight) if isinstance(weight, Node) else None
     if h is None or w is None or w.dim() != 2 or h.dtype != w.dtype or not h.dtype.is_floating_point:
         return "the head's hidden states and weight are not float tensors of one dtype"
     readers = [u for u in node.users if u.target not in _ASSERTS]

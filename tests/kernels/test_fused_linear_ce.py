@@ -1,6 +1,7 @@
-"""peftfx::linear_cross_entropy against the unfused chain ``F.cross_entropy(F.linear(h, w, b)[.float()].view(-1, V), t)``:
-bitwise logits and loss, gradients to float rounding, float64 gradcheck, opcheck, and that no
-``[N, V]`` tensor is saved for backward or allocated by it."""
+"""peftfx::linear_cross_entropy against the unfused chain
+``F.cross_entropy(F.linear(h, w, b)[.float()].view(-1, V), t)``: bitwise logits and loss, gradients
+to float rounding, float64 gradcheck, opcheck, and that no ``[N, V]`` tensor is saved for backward
+or allocated by it."""
 from __future__ import annotations
 
 import pytest
