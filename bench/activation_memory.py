@@ -131,7 +131,8 @@ def run(seqs=(128, 512, 1024, 2048), reps=2, hidden=1024, layers=4, vocab=8192, 
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         for k in setups:
             rows.append((seq, k, t[k] * 1e3, t[k] / t[THEIRS], peak[k] / 2**20, peak[k] / peak[THEIRS], reps, load))
-        print(markdown_table(["seq", "setup", "step ms", "step / theirs", "peak MiB", "peak / theirs", "rounds", "load"],
+        print(markdown_table(["seq", "setup", "step ms", "step / theirs", "peak MiB", "peak / theirs", "rounds",
+                              "load"],
                              [r for r in rows if r[0] == seq]), flush=True)
     return rows
 
@@ -162,7 +163,8 @@ def report(rows: list[tuple], cfg: str, out: Path = RESULTS, plot: Path | None =
                             "peak / peft+bnb gc", "rounds", "load average (1/5/15 min)"], rows)
     body = (f"## activation_memory: [memory] checkpointing vs peft+bnb gradient checkpointing ({cfg})\n\n"
             f"{machine_markdown()}\nThe machine is shared: other jobs were running (load average above); "
-            f"ratios come from medians of the interleaved rounds (column) in one process per sequence length, one thread. Targets with "
+            f"ratios come from medians of the interleaved rounds (column) in one process per sequence length, "
+            f"one thread. Targets with "
             f"`checkpoint = \"blocks\"`: peak <= 0.8x and step <= 1.0x peft+bnb with "
             f"`gradient_checkpointing_enable(use_reentrant=False)`, same fp32 compute. Both sides run the same loop "
             f"(`model(**inputs).loss.backward()`, AdamW, `zero_grad(set_to_none=True)`), which keeps only the loss: "
