@@ -12,10 +12,18 @@ the 7 decoder linears, LoRA r=16 on q,v, no dropout), fp32 compute on both sides
 
 Per sequence length, step times (forward + backward + AdamW) are medians of ``--reps`` interleaved
 rounds after a warm-up, one thread; peak memory is measured once per contender (bench.common:
-resident tensors + the CPU allocator's peak during one step). Writes the ``activation_memory``
-section of ``bench/RESULTS.md`` and ``bench/activation_memory.png`` (peak vs sequence length).
+resident tensors + the CPU allocator's peak during one step). Both sides run the same loop
+(``model(**inputs).loss.backward()``, AdamW step, ``zero_grad(set_to_none=True)``): it keeps the
+loss only, so the model output (the logits) is dropped before backward on both sides. Writes the
+``activation_memory`` section of ``bench/RESULTS.md`` and ``bench/activation_memory.png`` (peak vs
+sequence length).
+
+A long sweep runs as several short processes (one per sequence length, each under the bench lock)
+that share ``--rows FILE``: each run replaces its own sequence lengths' rows (with the load average
+it ran at) and the section is written from all rows in the file.
 
     python -m bench.activation_memory [--seqs 128,512,1024,2048] [--reps 2] [--hidden 1024] [--layers 4]
+    python -m bench.activation_memory --seqs 2048 --reps 1 --rows bench/activation_memory_rows.json
     python -m bench.activation_memory --device cuda --out $OUT/activation_memory.md   # bench/gpu_check.sh
 """
 from __future__ import annotations
@@ -23,12 +31,21 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, interleaved, machine_markdown, markdown_table, peak_bytes, resident_bytes, \
-    write_section
+from bench.common import (
+    RESULTS,
+    interleaved,
+    machine_markdown,
+    markdown_table,
+    peak_bytes,
+    resident_bytes,
+    write_section,
+)
 from bench.cpu_train import build_model, peftfx_plan, setup_bnb
 
 __all__ = ["main", "run"]
@@ -96,7 +113,7 @@ def _timed(step, device: str):
 
 
 def run(seqs=(128, 512, 1024, 2048), reps=2, hidden=1024, layers=4, vocab=8192, device="cpu") -> list[tuple]:
-    """``[(seq, setup, step ms, step / theirs, peak MiB, peak / theirs), ...]``."""
+    """``[(seq, setup, step ms, step / theirs, peak MiB, peak / theirs, rounds, load average), ...]``."""
     base = build_model(hidden, layers, vocab)
     setups = _setups(base, vocab, device)
     rows = []
@@ -111,9 +128,11 @@ def run(seqs=(128, 512, 1024, 2048), reps=2, hidden=1024, layers=4, vocab=8192, 
         else:
             peak = {k: peak_bytes(steps[k][0], resident_bytes(m, steps[k][1], extra))
                     for k, (m, extra) in setups.items()}
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         for k in setups:
-            rows.append((seq, k, t[k] * 1e3, t[k] / t[THEIRS], peak[k] / 2**20, peak[k] / peak[THEIRS]))
-        print(markdown_table(["seq", "setup", "step ms", "step / theirs", "peak MiB", "peak / theirs"],
+            rows.append((seq, k, t[k] * 1e3, t[k] / t[THEIRS], peak[k] / 2**20, peak[k] / peak[THEIRS], reps, load))
+        print(markdown_table(["seq", "setup", "step ms", "step / theirs", "peak MiB", "peak / theirs", "rounds",
+                              "load"],
                              [r for r in rows if r[0] == seq]), flush=True)
     return rows
 
@@ -139,14 +158,17 @@ def _plot(path: Path, rows: list[tuple]) -> None:
     plt.close(fig)
 
 
-def report(rows: list[tuple], cfg: str, reps: int, out: Path = RESULTS, plot: Path | None = None) -> str:
+def report(rows: list[tuple], cfg: str, out: Path = RESULTS, plot: Path | None = None) -> str:
     table = markdown_table(["seq", "setup", "step ms (median)", "step / peft+bnb gc", "peak MiB",
-                            "peak / peft+bnb gc"], rows)
+                            "peak / peft+bnb gc", "rounds", "load average (1/5/15 min)"], rows)
     body = (f"## activation_memory: [memory] checkpointing vs peft+bnb gradient checkpointing ({cfg})\n\n"
             f"{machine_markdown()}\nThe machine is shared: other jobs were running (load average above); "
-            f"ratios come from medians of {reps} interleaved rounds in one process, one thread. Targets with "
+            f"ratios come from medians of the interleaved rounds (column) in one process per sequence length, "
+            f"one thread. Targets with "
             f"`checkpoint = \"blocks\"`: peak <= 0.8x and step <= 1.0x peft+bnb with "
-            f"`gradient_checkpointing_enable(use_reentrant=False)`, same fp32 compute.\n\n{table}\n")
+            f"`gradient_checkpointing_enable(use_reentrant=False)`, same fp32 compute. Both sides run the same loop "
+            f"(`model(**inputs).loss.backward()`, AdamW, `zero_grad(set_to_none=True)`), which keeps only the loss: "
+            f"the logits are dropped before backward on both sides.\n\n{table}\n")
     if plot is not None:
         _plot(plot, rows)
         body += f"\n![activation_memory]({plot.name})\n"
@@ -163,13 +185,19 @@ def main(argv: list[str] | None = None) -> str:
                     help="cuda: peaks from torch.cuda.max_memory_allocated, and blocks+offload joins")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=RESULTS.with_name("activation_memory.png"))
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="JSON file of rows shared by several runs (each replaces its own sequence lengths)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     seqs = [int(s) for s in a.seqs.split(",")]
     rows = run(seqs, a.reps, a.hidden, a.layers, a.vocab, a.device)
+    if a.rows is not None:
+        kept = [tuple(r) for r in json.loads(a.rows.read_text())] if a.rows.exists() else []
+        rows = sorted([r for r in kept if r[0] not in seqs] + rows, key=lambda r: r[0])
+        a.rows.write_text(json.dumps(rows, indent=0))
     cfg = (f"{a.device}, Llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, batch 1, NF4 + double quant on all 7 "
            f"decoder linears, LoRA r=16 on q,v")
-    body = report(rows, cfg, a.reps, a.out, a.plot)
+    body = report(rows, cfg, a.out, a.plot)
     print(body)
     return body
 

@@ -34,7 +34,17 @@ from torch import Tensor
 
 from peftfx.errors import KernelError
 
-__all__ = ["ACTIVATIONS", "REDUCTIONS", "CHUNK_ELEMENTS", "act_mul", "cross_entropy", "apply_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "CHUNK_ELEMENTS",
+    "REDUCTIONS",
+    "act_mul",
+    "apply_activation",
+    "check_reduction",
+    "cross_entropy",
+    "cross_entropy_grad_rows",
+    "nll_of_logits",
+]
 
 aten = torch.ops.aten
 
@@ -68,6 +78,17 @@ def _activation_backward(grad: Tensor, x: Tensor, act: str) -> Tensor:
     return aten.gelu_backward(grad, x, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
+def _activation_backward_(grad: Tensor, x: Tensor, act: str) -> Tensor:
+    """:func:`_activation_backward` written into ``grad`` (a temporary the caller owns) where no
+    graph is being built; elementwise, so reading and writing the same element is safe."""
+    if torch.is_grad_enabled():
+        return _activation_backward(grad, x, act)
+    if act == "silu":
+        return aten.silu_backward.grad_input(grad, x, grad_input=grad)
+    return aten.gelu_backward.grad_input(grad, x, approximate="tanh" if act == "gelu_tanh" else "none",
+                                         grad_input=grad)
+
+
 def _check_act_mul(gate: Tensor, up: Tensor, act: str) -> None:
     if act not in ACTIVATIONS:
         raise KernelError(f"act_mul: unknown activation {act!r}; expected one of {ACTIVATIONS}")
@@ -99,10 +120,13 @@ def _act_mul_setup_context(ctx, inputs, output):
 def _act_mul_backward(ctx, dy):
     gate, up = ctx.saved_tensors
     d_gate = d_up = None
+    # d_gate first, written over its own temporary: with gate, up and dy alive, the backward holds
+    # at most two more [tokens, I] tensors (d_gate, then d_up) instead of three; in a checkpointed
+    # block this is the step's peak. Same kernels, same values.
+    if ctx.needs_input_grad[0]:
+        d_gate = _activation_backward_(dy * up, gate, ctx.act)
     if ctx.needs_input_grad[1]:
         d_up = apply_activation(gate, ctx.act).mul_(dy)  # in place: no second [tokens, I] temporary
-    if ctx.needs_input_grad[0]:
-        d_gate = _activation_backward(dy * up, gate, ctx.act)
     return d_gate, d_up, None
 
 
@@ -129,9 +153,14 @@ def _row_chunks(n: int, c: int):
         yield start, min(n, start + rows)
 
 
-def _check_cross_entropy(logits: Tensor, target: Tensor, reduction: str) -> None:
+def check_reduction(reduction: str, op: str = "cross_entropy") -> None:
+    """A :class:`KernelError` unless ``reduction`` is one the chunked loss implements (mean, sum)."""
     if reduction not in REDUCTIONS:
-        raise KernelError(f"cross_entropy: reduction {reduction!r} not supported; expected one of {REDUCTIONS}")
+        raise KernelError(f"{op}: reduction {reduction!r} not supported; expected one of {REDUCTIONS}")
+
+
+def _check_cross_entropy(logits: Tensor, target: Tensor, reduction: str) -> None:
+    check_reduction(reduction)
     if logits.dim() != 2 or not logits.dtype.is_floating_point:
         raise KernelError(f"cross_entropy: logits must be a 2-D float tensor [N, C], got {logits.dtype} "
                           f"{list(logits.shape)}")
@@ -140,9 +169,9 @@ def _check_cross_entropy(logits: Tensor, target: Tensor, reduction: str) -> None
                           f"{list(target.shape)}")
 
 
-@torch.library.custom_op("peftfx::cross_entropy", mutates_args=())
-def _cross_entropy_op(logits: Tensor, target: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:
-    _check_cross_entropy(logits, target, reduction)
+def nll_of_logits(logits: Tensor, target: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:
+    """``(loss, total_weight)`` of ``nll_loss(log_softmax(logits, 1), target)`` for logits ``[N, C]``,
+    log_softmax computed in row chunks (bitwise the unchunked result; see the module docstring)."""
     n, c = logits.shape
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)  # ignored rows read column 0; nll_loss skips them below
@@ -158,6 +187,25 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, ignore_index: int, reducti
     return loss, total_weight
 
 
+def cross_entropy_grad_rows(grad: Tensor, logits_rows: Tensor, target_rows: Tensor, total_weight: Tensor,
+                            ignore_index: int, reduction: str, out: Tensor | None = None) -> Tensor:
+    """d loss / d logits for a block of rows ``[n, C]`` of the logits (``out`` if given), as autograd
+    computes it for the whole ``[N, C]``: log_softmax recomputed, nll_loss_backward, its backward.
+    Holds two ``[n, C]`` temporaries besides the result."""
+    lsm = aten._log_softmax(logits_rows, 1, False)  # recomputed, bitwise the forward's
+    onehot = aten.nll_loss_backward(grad, lsm, target_rows, None, _REDUCTION_ENUM[reduction], ignore_index,
+                                    total_weight)
+    if out is None:
+        return aten._log_softmax_backward_data(onehot, lsm, 1, logits_rows.dtype)
+    return aten._log_softmax_backward_data.out(onehot, lsm, 1, logits_rows.dtype, out=out)
+
+
+@torch.library.custom_op("peftfx::cross_entropy", mutates_args=())
+def _cross_entropy_op(logits: Tensor, target: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:
+    _check_cross_entropy(logits, target, reduction)
+    return nll_of_logits(logits, target, ignore_index, reduction)
+
+
 @_cross_entropy_op.register_fake
 def _(logits, target, ignore_index, reduction):
     _check_cross_entropy(logits, target, reduction)
@@ -169,13 +217,9 @@ def _cross_entropy_backward_op(grad: Tensor, logits: Tensor, target: Tensor, tot
                                ignore_index: int, reduction: str) -> Tensor:
     """d loss / d logits ``[N, C]`` for upstream ``grad`` ``[]``, chunk by chunk, as autograd computes it."""
     n, c = logits.shape
-    red = _REDUCTION_ENUM[reduction]
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    for s, e in _row_chunks(n, c):
-        lsm = aten._log_softmax(logits[s:e], 1, False)  # recomputed, bitwise the forward's
-        onehot = aten.nll_loss_backward(grad, lsm, target[s:e], None, red, ignore_index, total_weight)
-        aten._log_softmax_backward_data.out(onehot, lsm, 1, logits.dtype, out=out[s:e])
-        del lsm, onehot  # before the next chunk's are allocated: two chunk temporaries at most
+    for s, e in _row_chunks(n, c):  # two chunk temporaries at most, freed before the next chunk
+        cross_entropy_grad_rows(grad, logits[s:e], target[s:e], total_weight, ignore_index, reduction, out=out[s:e])
     return out
 
 

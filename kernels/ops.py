@@ -171,14 +171,28 @@ def _setup_context(ctx, inputs, output):
     # frozen (quantize-only) layer therefore keeps a zero-stride stand-in that carries x's shape
     # and dtype in one element, not the activation: what bitsandbytes' frozen 4-bit matmul saves.
     needs_x = lora_A is not None and x_lora is None
-    x_saved = x if needs_x else torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
-    ctx.save_for_backward(x_saved, packed, scales, scales2, offset, lora_A, lora_B, x_lora)
     ctx.meta = (scaling, format, block_size, block_size2, out_features, in_features, threshold, compute_dtype)
     ctx.has_bias = bias is not None
+    ctx.frozen = None
+    if lora_A is None and x_lora is None:
+        # no adapter: the backward reads only the (constant) quantized storage and x's shape, so
+        # nothing goes through autograd's saved-tensor hooks (references on ctx, as bitsandbytes'
+        # MatMul4Bit keeps them). Activation checkpointing then stops its recompute before such a
+        # layer when nothing after it is saved (a block's down_proj) instead of re-running its
+        # dequantize + matmul only to re-obtain constants.
+        ctx.frozen = ((packed, scales, scales2, offset), (x.shape, x.dtype, x.device))
+        return
+    x_saved = x if needs_x else torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
+    ctx.save_for_backward(x_saved, packed, scales, scales2, offset, lora_A, lora_B, x_lora)
 
 
 def _backward(ctx, dy):
-    x, packed, scales, scales2, offset, lora_A, lora_B, x_lora = ctx.saved_tensors
+    if ctx.frozen is None:
+        x, packed, scales, scales2, offset, lora_A, lora_B, x_lora = ctx.saved_tensors
+    else:
+        (packed, scales, scales2, offset), (shape, dtype, device) = ctx.frozen
+        x = torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)  # shape and dtype only
+        lora_A = lora_B = x_lora = None
     scaling, format, block_size, block_size2, out_features, in_features, threshold, compute_dtype = ctx.meta
     n = ctx.needs_input_grad
     needs = [n[0], n[8], n[6], n[7]]

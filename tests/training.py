@@ -15,3 +15,19 @@ def train_losses(gm, inputs: dict, params, *, lr: float, steps: int = 8) -> list
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def saved_activation_bytes(gm, inputs: dict) -> int:
+    """Bytes autograd saves for backward during ``gm(**inputs)``: distinct storages, parameters and
+    buffers excluded."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in [*gm.parameters(), *gm.buffers()]}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gm(**inputs)
+    return sum(v for k, v in seen.items() if k not in params)

@@ -15,9 +15,11 @@ from bench import activation_memory  # noqa: E402
 
 @pytest.mark.slow
 def test_activation_memory_smoke(tmp_path):
-    out = tmp_path / "RESULTS.md"
-    body = activation_memory.main(["--seqs", "16,32", "--reps", "1", "--hidden", "64", "--layers", "2", "--vocab",
-                                   "128", "--out", str(out), "--plot", str(tmp_path / "a.png")])
+    out, shared = tmp_path / "RESULTS.md", tmp_path / "rows.json"
+    tiny = ["--reps", "1", "--hidden", "64", "--layers", "2", "--vocab", "128", "--out", str(out), "--plot",
+            str(tmp_path / "a.png"), "--rows", str(shared)]
+    activation_memory.main(["--seqs", "32", *tiny])
+    body = activation_memory.main(["--seqs", "16", *tiny])  # a second run adds its rows to the first's
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines()
             if line.startswith("| ") and not line.startswith("| ---")][1:]
     assert {(r[0], r[1]) for r in rows} == {(s, k) for s in ("16", "32") for k in

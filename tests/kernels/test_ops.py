@@ -204,7 +204,8 @@ def test_triton_backend_is_lazy(monkeypatch):
 
 
 def test_frozen_layer_does_not_keep_its_input_for_backward():
-    """Quantize-only layers need no x for dx = dy·deq(W): the saved stand-in holds one element."""
+    """Quantize-only layers need no x for dx = dy·deq(W): nothing goes through the saved-tensor hooks
+    (so activation checkpointing's recompute can stop before them), and backward still works."""
     from peftfx.kernels import reference as ref
     from peftfx.kernels.modules import QLoRALinear
 
@@ -214,9 +215,7 @@ def test_frozen_layer_does_not_keep_its_input_for_backward():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
-    stand_ins = [t for t in saved if t.shape == x.shape]
-    assert stand_ins, "the op should save a shape carrier for x"
-    assert all(t.untyped_storage().nbytes() <= 4 for t in stand_ins)
+    assert saved == []
     y.sum().backward()
     want = torch.ones(8, 16, 32) @ ref.dequantize(layer.quantized_weight())
     torch.testing.assert_close(x.grad, want, atol=1e-5, rtol=1e-5)
