@@ -25,8 +25,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["machine_info", "machine_markdown", "interleaved", "peak_bytes", "resident_bytes", "markdown_table",
-           "write_section", "bar_plot", "RESULTS"]
+__all__ = ["machine_info", "machine_markdown", "interleaved", "interleaved_wall_cpu", "peak_bytes", "resident_bytes",
+           "markdown_table", "write_section", "bar_plot", "RESULTS"]
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -73,18 +73,31 @@ def machine_markdown() -> str:
     return "Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()) + "."
 
 
-def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per contender; contenders alternate within each round (see module docstring)."""
+def interleaved_wall_cpu(fns: Mapping[str, Callable[[], object]], reps: int = 5,
+                         warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall seconds and median thread CPU seconds per contender; contenders alternate within each
+    round (see module docstring).
+
+    On the shared VM the wall time includes the time a contender waited for a core; the thread's CPU
+    time does not, so its ratios move far less with the load (a hyperthread sibling's work still slows it).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.thread_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+            cpu[name].append(time.thread_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall seconds per contender (:func:`interleaved_wall_cpu`'s first half)."""
+    return interleaved_wall_cpu(fns, reps, warmup)[0]
 
 
 def _storages(tensors: Iterable[torch.Tensor]) -> int:

@@ -34,30 +34,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import RESULTS, bar_plot, interleaved, machine_markdown, markdown_table, write_section
+from bench.common import (RESULTS, bar_plot, interleaved, interleaved_wall_cpu, machine_markdown, markdown_table,
+                          write_section)
 
-__all__ = ["main", "run", "copy_bandwidth", "interleaved_wall_cpu"]
-
-
-def interleaved_wall_cpu(fns: dict[str, Callable[[], object]], reps: int = 5,
-                         warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
-    """:func:`bench.common.interleaved` that also returns each contender's median thread CPU seconds.
-
-    On the shared VM the wall time includes the time a contender waited for a core; the thread's CPU
-    time does not, so its ratios move far less with the load (a hyperthread sibling's work still slows it).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.thread_time()
-            fn()
-            cpu[name].append(time.thread_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+__all__ = ["main", "run", "copy_bandwidth"]
 
 
 def copy_bandwidth(mib: int = 256, reps: int = 5) -> tuple[float, float]:

@@ -33,9 +33,8 @@ from typing import Callable
 
 import torch
 
-from bench.common import (RESULTS, bar_plot, machine_markdown, markdown_table, peak_bytes, resident_bytes,
-                          write_section)
-from bench.cpu_kernels import interleaved_wall_cpu
+from bench.common import (RESULTS, bar_plot, interleaved_wall_cpu, machine_markdown, markdown_table, peak_bytes,
+                          resident_bytes, write_section)
 
 __all__ = ["main", "run", "build_model"]
 
