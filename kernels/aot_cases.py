@@ -88,7 +88,8 @@ def cases(dtypes=DTYPES, formats=FORMATS, ranks=RANKS, ms=MS, nks=NKS, targets=t
             kind = kernel
             n_out = k if kind == "dx" else n
             for cfg in candidate_configs(kind, m, n_out, ESIZE[dtype], format_id(fmt), dq, QBLOCK,
-                                         shared_limit=spec.shared_limit, sms=spec.sms, configs=gpu_configs(kind)):
+                                         shared_limit=spec.shared_limit, sms=spec.sms, configs=gpu_configs(kind),
+                                         block_r=_block_r(r)):
                 kw = cfg.kwargs
                 out.append(Case(kernel, target, dtype, fmt, dq, m, n, k, r,
                                 (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)))

@@ -120,3 +120,29 @@ def test_early_prune_reads_the_launch_arguments(monkeypatch):
     assert max(map(area, fp32)) <= max(map(area, bf16))
     monkeypatch.setenv("PEFTFX_TRITON_AUTOTUNE", "0")
     assert run(torch.bfloat16) == bf16[:1]
+
+
+def test_pruning_drops_the_config_ptxas_spilled_with_at_rank_128(monkeypatch):
+    """Dense dx at M = 1, r = 128 on sm_90: 32x64x128 w4 s4 spilled 8 B (full AOT sweep) while the
+    register estimate, which has no LoRA term, said 168. The pruner must drop it for BLOCK_R >= 128,
+    through the autotuner hook too (which reads BLOCK_R from the launch), and keep it for r = 16."""
+    import torch
+
+    monkeypatch.delenv("PEFTFX_TRITON_AUTOTUNE", raising=False)
+    spec = TARGETS["sm_90"]
+    full = triton_configs.gpu_configs("dx")
+    spilled = next(c for c in full if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                       c.num_stages) == (32, 64, 128, 4, 4))
+
+    def direct(block_r):
+        return triton_configs.candidate_configs("dx", 1, 4096, 2, 0, False, 64, spec.shared_limit, spec.sms,
+                                                configs=full, block_r=block_r)
+
+    assert spilled in direct(16)
+    at128 = direct(128)
+    assert spilled not in at128 and full[-1] in at128 and 2 <= len(at128) <= triton_configs.MAX_CANDIDATES
+    monkeypatch.setattr(triton_configs, "device_limits", lambda: (spec.shared_limit, spec.sms))
+    prune = triton_configs.early_prune("dx", "dy_ptr")
+    launch = {"dy_ptr": torch.empty(1, dtype=torch.bfloat16), "M": 1, "N": 4096, "K": 4096}
+    assert spilled in prune(full, launch, FORMAT=0, DOUBLE_QUANT=False, QBLOCK=64, BLOCK_R=16)
+    assert spilled not in prune(full, launch, FORMAT=0, DOUBLE_QUANT=False, QBLOCK=64, BLOCK_R=128)
