@@ -170,7 +170,7 @@ def compile_case(c: Case, use_cache: bool = True, asm_decode: bool = True, cache
         shared_bytes=res.shared_bytes, spill_bytes=res.spill_bytes, registers=res.registers, mma=res.mma,
         fits=res.shared_bytes <= spec.shared_limit and res.registers <= 255,
         model_shared_bytes=estimate_shared(c.kernel, cfg, ESIZE[c.dtype], format_id(c.format), c.double_quant,
-                                           QBLOCK),
+                                           QBLOCK, _block_r(c.r)),
         loop_instructions_per_w_element=round(res.loop_instructions / w_elems_per_thread, 2),
         loop_mma=res.loop_mma, compile_s=res.compile_s, triton=res.triton_version,
     )

@@ -11,6 +11,7 @@ stored bytes per weight element: 0.5 for 4-bit, 1 for int8, ``e`` dense)::
 
     stages * (A tile + raw W bytes + scales) + staged W operand (dot input)     main loop
     BLOCK_M * BLOCK_N * 4                                                        epilogue layout change
+    (BLOCK_M + BLOCK_N) * BLOCK_R * e                                            LoRA dot operands
 
 plus a fixed margin; registers per thread: the fp32 accumulator, the decoded fp32 W tile and the
 A operand fragments spread over ``32 * num_warps`` threads, plus a base for addresses and the select
@@ -90,8 +91,9 @@ def _weight_bytes(fmt_id: int, esize: int) -> float:
 
 
 def estimate_shared(kind: str, cfg: triton.Config, esize: int, fmt_id: int, double_quant: bool,
-                    qblock: int = 64) -> int:
-    """Upper estimate of the shared memory (bytes) one program of ``cfg`` needs (module docstring)."""
+                    qblock: int = 64, block_r: int = 16) -> int:
+    """Upper estimate of the shared memory (bytes) one program of ``cfg`` needs (module docstring;
+    ``block_r``: BLOCK_R, the LoRA rank padded to a power of two, at least 16)."""
     kw = cfg.kwargs
     bm, bn, bk, stages = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages
     if kind == "dx":  # A = dy [BM, BN], W tile [BN, BK]
@@ -112,8 +114,12 @@ def estimate_shared(kind: str, cfg: triton.Config, esize: int, fmt_id: int, doub
     main = stages * (a_tile + raw_w + scales) + w_elems * op_esize * (2 if esize == 4 else 1)
     if fmt_id == 0:  # dense W is a plain pipelined operand
         main = stages * (a_tile + raw_w) + (w_elems * esize if esize == 4 else 0)
-    epilogue = bm * (bk if kind == "dx" else bn) * 4
-    return max(main, epilogue) + _SHARED_MARGIN
+    n_out = bk if kind == "dx" else bn
+    epilogue = bm * n_out * 4
+    # the rank-r dot stages its operands (xa / dy·B [BM, BLOCK_R], B / A [BLOCK_R, n_out]): 32 KB (bf16)
+    # and 64 KB (fp32) for the 64x64x32 fallback at r = 128 in the full AOT sweep, twice the layout change
+    lora = (bm + n_out) * block_r * esize
+    return max(main, epilogue, lora) + _SHARED_MARGIN
 
 
 def estimate_registers(kind: str, cfg: triton.Config, esize: int, fmt_id: int) -> int:
@@ -181,7 +187,7 @@ def candidate_configs(kind: str, m: int, n_out: int, esize: int, fmt_id: int, do
         shared_limit, sms = shared_limit or dev_shared, sms or dev_sms
     fallback = configs[-1]
     fits = [c for c in configs
-            if estimate_shared(kind, c, esize, fmt_id, double_quant, qblock) <= shared_limit
+            if estimate_shared(kind, c, esize, fmt_id, double_quant, qblock, block_r) <= shared_limit
             and estimate_registers(kind, c, esize, fmt_id) <= _MAX_REGISTERS
             and not spills_with_rank(kind, c, block_r)]
     fits.sort(key=lambda c: _rank_key(kind, c, m, n_out, sms))

@@ -149,3 +149,17 @@ def test_pruning_drops_the_config_ptxas_spilled_with_at_rank_128(monkeypatch):
     launch = {"dy_ptr": torch.empty(1, dtype=torch.bfloat16), "M": 1, "N": 4096, "K": 4096}
     assert spilled in prune(full, launch, FORMAT=0, DOUBLE_QUANT=False, QBLOCK=64, BLOCK_R=16)
     assert spilled not in prune(full, launch, FORMAT=0, DOUBLE_QUANT=False, QBLOCK=64, BLOCK_R=128)
+
+
+def test_shared_model_counts_the_lora_operands():
+    """ptxas gave the 64x64x32 w4 s2 forward 32768 B (bf16) and 65536 B (fp32) of shared memory at
+    r = 128 (full AOT sweep; the LoRA dot's operands [64, 128] and [128, 64] staged) and 32768 B at
+    r = 64 (fp32 llm-int8), where the model said 18432-43008: it must not estimate less, and must grow
+    with BLOCK_R."""
+    fallback = triton_configs.gpu_configs("forward")[-1]
+    assert (fallback.kwargs["BLOCK_M"], fallback.kwargs["BLOCK_N"], fallback.kwargs["BLOCK_K"]) == (64, 64, 32)
+    for esize, block_r, ptxas in ((2, 128, 32768), (4, 128, 65536), (4, 64, 32768)):
+        for fmt_id, dq in ((0, False), (1, True), (3, False), (4, False)):
+            assert triton_configs.estimate_shared("forward", fallback, esize, fmt_id, dq, 64, block_r) >= ptxas
+    small = triton_configs.estimate_shared("dx", fallback, 2, 1, True, 64, 16)
+    assert triton_configs.estimate_shared("dx", fallback, 2, 1, True, 64, 128) > small
