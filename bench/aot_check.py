@@ -18,7 +18,7 @@ Subsets (cases x configs surviving pruning; compiles are cached under ``$PEFTFX_
 - ``wide``: every kernel, dtype, format, double quant, M and target at N = K = 4096, r = 16 (620
   cases, 536 distinct compiles, ~40 CPU-minutes cold);
 - ``full``: additionally r in {8, 64, 128} and (N, K) in {(4096, 11008), (11008, 4096)} (issue 19's
-  whole grid: 7440 cases, 3568 distinct compiles, ~3 CPU-hours).
+  whole grid: 7440 cases, 3560 distinct compiles, ~2 hours wall with --jobs 2 on two busy cores).
 
 Cases are deduplicated by their real specialisation key (``aot_cases.case_key``) and compiled in
 :func:`priority` order; ``--budget-s`` stops starting compiles after that many seconds and the cases

@@ -15,7 +15,7 @@ source + signature + constexprs + divisibility attributes + options + target). T
 int argument only on ``== 1`` and divisibility by 16, so N/K = 11008 and 4096 compile alike; they
 differ only where the launcher's choices differ (the configs surviving pruning, GEMV's SPLIT_K and
 K_SPLIT, SUB). r changes BLOCK_R (16, 16, 64, 128 for r = 8, 16, 64, 128) and, for r = 8, the
-divisibility of R and of the LoRA strides. The full grid is 7440 cases but 3568 distinct compiles.
+divisibility of R and of the LoRA strides. The full grid is 7440 cases but 3560 distinct compiles.
 Used by ``tests/kernels/test_aot_resources.py`` and ``python -m bench.aot_check``.
 """
 from __future__ import annotations
