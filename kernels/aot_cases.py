@@ -15,7 +15,7 @@ source + signature + constexprs + divisibility attributes + options + target). T
 int argument only on ``== 1`` and divisibility by 16, so N/K = 11008 and 4096 compile alike; they
 differ only where the launcher's choices differ (the configs surviving pruning, GEMV's SPLIT_K and
 K_SPLIT, SUB). r changes BLOCK_R (16, 16, 64, 128 for r = 8, 16, 64, 128) and, for r = 8, the
-divisibility of R and of the LoRA strides. The full grid is 7440 cases but 3568 distinct compiles.
+divisibility of R and of the LoRA strides. The full grid is 7440 cases but 3560 distinct compiles.
 Used by ``tests/kernels/test_aot_resources.py`` and ``python -m bench.aot_check``.
 """
 from __future__ import annotations
@@ -88,7 +88,8 @@ def cases(dtypes=DTYPES, formats=FORMATS, ranks=RANKS, ms=MS, nks=NKS, targets=t
             kind = kernel
             n_out = k if kind == "dx" else n
             for cfg in candidate_configs(kind, m, n_out, ESIZE[dtype], format_id(fmt), dq, QBLOCK,
-                                         shared_limit=spec.shared_limit, sms=spec.sms, configs=gpu_configs(kind)):
+                                         shared_limit=spec.shared_limit, sms=spec.sms, configs=gpu_configs(kind),
+                                         block_r=_block_r(r)):
                 kw = cfg.kwargs
                 out.append(Case(kernel, target, dtype, fmt, dq, m, n, k, r,
                                 (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)))
@@ -169,7 +170,7 @@ def compile_case(c: Case, use_cache: bool = True, asm_decode: bool = True, cache
         shared_bytes=res.shared_bytes, spill_bytes=res.spill_bytes, registers=res.registers, mma=res.mma,
         fits=res.shared_bytes <= spec.shared_limit and res.registers <= 255,
         model_shared_bytes=estimate_shared(c.kernel, cfg, ESIZE[c.dtype], format_id(c.format), c.double_quant,
-                                           QBLOCK),
+                                           QBLOCK, _block_r(c.r)),
         loop_instructions_per_w_element=round(res.loop_instructions / w_elems_per_thread, 2),
         loop_mma=res.loop_mma, compile_s=res.compile_s, triton=res.triton_version,
     )

@@ -11,11 +11,13 @@ stored bytes per weight element: 0.5 for 4-bit, 1 for int8, ``e`` dense)::
 
     stages * (A tile + raw W bytes + scales) + staged W operand (dot input)     main loop
     BLOCK_M * BLOCK_N * 4                                                        epilogue layout change
+    (BLOCK_M + BLOCK_N) * BLOCK_R * e                                            LoRA dot operands
 
 plus a fixed margin; registers per thread: the fp32 accumulator, the decoded fp32 W tile and the
 A operand fragments spread over ``32 * num_warps`` threads, plus a base for addresses and the select
-tree. ``tests/kernels/test_aot_resources.py`` checks the model against what ptxas reports for the
-compiled kernels (it must never underestimate shared memory).
+tree. Where ptxas spilled although the estimate fits (a wide LoRA epilogue), the config is pruned for
+that BLOCK_R and above (:func:`spills_with_rank`). ``tests/kernels/test_aot_resources.py`` checks the
+model against what ptxas reports for the compiled kernels (it must never underestimate shared memory).
 
 Kinds: ``"forward"`` (y tiles over M x N, reduction over K), ``"dx"`` (dx tiles over M x K,
 reduction over N), ``"gemv"`` (M <= 16; W streamed once, split over K).
@@ -27,7 +29,7 @@ import os
 import triton
 
 __all__ = ["FP_FUSION", "MAX_CANDIDATES", "GEMV_MAX_M", "gpu_configs", "configs_for", "candidate_configs", "estimate_shared",
-           "estimate_registers", "device_limits", "early_prune", "split_k"]
+           "estimate_registers", "spills_with_rank", "device_limits", "early_prune", "split_k"]
 
 MAX_CANDIDATES = 3
 # FP contraction (a*b+c -> fma) in the fused kernels, set explicitly at every launch because Triton's
@@ -53,6 +55,13 @@ _GEMV_SHAPES = [  # BLOCK_M is fixed at 16 (the smallest tensor-core M)
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3),
     (16, 32, 128, 4, 2),
 ]
+# Configs ptxas spills with once the LoRA epilogue is wide although :func:`estimate_registers` stays
+# under 255: (kind, shape) -> the smallest BLOCK_R that spilled in the AOT sweep. The estimate counts
+# the main loop only (the epilogue's rank-r operands load after the loop's W tile is dead); here ptxas
+# held the dx kernel at 168 registers, the loop's own estimate, and the r = 128 epilogue (A tile
+# [128, BLOCK_K] = 64 registers a thread) then spilled 8 B on sm_90 at M = 1 (dense bf16/fp16; r = 16
+# compiles to the same 168 registers without a spill).
+_SPILLS_FROM_BLOCK_R = {("dx", (32, 64, 128, 4, 4)): 128}
 _INTERPRET = {"forward": (16, 32, 32, 4, 1), "dx": (16, 32, 32, 4, 1), "gemv": (16, 32, 32, 4, 1)}
 
 
@@ -82,8 +91,9 @@ def _weight_bytes(fmt_id: int, esize: int) -> float:
 
 
 def estimate_shared(kind: str, cfg: triton.Config, esize: int, fmt_id: int, double_quant: bool,
-                    qblock: int = 64) -> int:
-    """Upper estimate of the shared memory (bytes) one program of ``cfg`` needs (module docstring)."""
+                    qblock: int = 64, block_r: int = 16) -> int:
+    """Upper estimate of the shared memory (bytes) one program of ``cfg`` needs (module docstring;
+    ``block_r``: BLOCK_R, the LoRA rank padded to a power of two, at least 16)."""
     kw = cfg.kwargs
     bm, bn, bk, stages = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages
     if kind == "dx":  # A = dy [BM, BN], W tile [BN, BK]
@@ -104,8 +114,12 @@ def estimate_shared(kind: str, cfg: triton.Config, esize: int, fmt_id: int, doub
     main = stages * (a_tile + raw_w + scales) + w_elems * op_esize * (2 if esize == 4 else 1)
     if fmt_id == 0:  # dense W is a plain pipelined operand
         main = stages * (a_tile + raw_w) + (w_elems * esize if esize == 4 else 0)
-    epilogue = bm * (bk if kind == "dx" else bn) * 4
-    return max(main, epilogue) + _SHARED_MARGIN
+    n_out = bk if kind == "dx" else bn
+    epilogue = bm * n_out * 4
+    # the rank-r dot stages its operands (xa / dy·B [BM, BLOCK_R], B / A [BLOCK_R, n_out]): 32 KB (bf16)
+    # and 64 KB (fp32) for the 64x64x32 fallback at r = 128 in the full AOT sweep, twice the layout change
+    lora = (bm + n_out) * block_r * esize
+    return max(main, epilogue, lora) + _SHARED_MARGIN
 
 
 def estimate_registers(kind: str, cfg: triton.Config, esize: int, fmt_id: int) -> int:
@@ -126,6 +140,14 @@ def estimate_registers(kind: str, cfg: triton.Config, esize: int, fmt_id: int) -
     a_frag = bm * (bn if kind == "dx" else bk) * esize // 4 * split
     gather = bn * bk if (fmt_id == 4 and kind == "dx") else 0  # per-element scale index + value
     return (acc + w_tile + a_frag + gather) // threads + 64
+
+
+def spills_with_rank(kind: str, cfg: triton.Config, block_r: int) -> bool:
+    """Whether ``cfg`` is one ptxas spilled with at this LoRA width (``block_r`` = BLOCK_R, the rank padded
+    to a power of two, at least 16): :data:`_SPILLS_FROM_BLOCK_R`."""
+    kw = cfg.kwargs
+    shape = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+    return block_r >= _SPILLS_FROM_BLOCK_R.get((kind, shape), 1 << 30)
 
 
 def device_limits() -> tuple[int, int]:
@@ -154,8 +176,9 @@ def _rank_key(kind: str, cfg: triton.Config, m: int, n_out: int, sms: int):
 
 def candidate_configs(kind: str, m: int, n_out: int, esize: int, fmt_id: int, double_quant: bool,
                       qblock: int = 64, shared_limit: int | None = None, sms: int | None = None,
-                      configs: list[triton.Config] | None = None) -> list[triton.Config]:
-    """At most MAX_CANDIDATES configs of ``kind`` that fit, best first (``n_out``: output columns)."""
+                      configs: list[triton.Config] | None = None, block_r: int = 16) -> list[triton.Config]:
+    """At most MAX_CANDIDATES configs of ``kind`` that fit, best first (``n_out``: output columns,
+    ``block_r``: the launch's BLOCK_R, the LoRA rank padded to a power of two)."""
     configs = configs if configs is not None else configs_for(kind)
     if len(configs) == 1:
         return list(configs)
@@ -164,8 +187,9 @@ def candidate_configs(kind: str, m: int, n_out: int, esize: int, fmt_id: int, do
         shared_limit, sms = shared_limit or dev_shared, sms or dev_sms
     fallback = configs[-1]
     fits = [c for c in configs
-            if estimate_shared(kind, c, esize, fmt_id, double_quant, qblock) <= shared_limit
-            and estimate_registers(kind, c, esize, fmt_id) <= _MAX_REGISTERS]
+            if estimate_shared(kind, c, esize, fmt_id, double_quant, qblock, block_r) <= shared_limit
+            and estimate_registers(kind, c, esize, fmt_id) <= _MAX_REGISTERS
+            and not spills_with_rank(kind, c, block_r)]
     fits.sort(key=lambda c: _rank_key(kind, c, m, n_out, sms))
     keep = fits[:MAX_CANDIDATES]
     if fallback not in keep:
@@ -182,7 +206,7 @@ def early_prune(kind: str, a_arg: str):
         esize = args[a_arg].element_size()
         n_out = args["K"] if kind == "dx" else args["N"]
         return candidate_configs(kind, args["M"], n_out, esize, int(args["FORMAT"]), bool(args["DOUBLE_QUANT"]),
-                                 int(args["QBLOCK"]), configs=configs)
+                                 int(args["QBLOCK"]), configs=configs, block_r=int(args.get("BLOCK_R", 16)))
     return prune
 
 
