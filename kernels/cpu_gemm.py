@@ -43,8 +43,16 @@ GEMM_TILE_ELEMS = 1 << 21
 # With the native decoder a tile costs one call however large it is, so GEMM-bound calls take fewer,
 # larger GEMMs: a 2816x1024 weight in one tile ran a forward + backward 8% faster in fp32 than in 2M
 # tiles (1,103 vs 1,200 ms for 4 layers' worth, interleaved, load 15), bf16 the same. Peak memory grows
-# by at most the difference (16 MiB of fp32 tile against 8), still below bitsandbytes' whole deq(W).
+# by at most the difference, still below bitsandbytes' whole deq(W).
 NATIVE_GEMM_TILE_ELEMS = 1 << 22
+# ... except fp32 tiles, capped at 1M elements (4 MiB): a fresh whole-weight fp32 tile (11 MiB for
+# 2816x1024) per call is where malloc hands back memory it just returned to the kernel, so inside a
+# training step every call faulted its pages in again: 90-240 ms of kernel time a step in the fp32 q,v
+# step of bench/cpu_train (5,900-9,000 faults), 5-30 ms per decode that takes 0.6 ms in a warm buffer.
+# 4 MiB tiles are reused from the heap: 0 faults, the step 1.10-1.21x -> 0.99-1.00x of peft+bnb
+# (interleaved with the other setups as the bench runs them, load 3-4). bf16 tiles (5.5 MiB) did not fault,
+# and 2-4x smaller bf16 tiles made the AMX GEMMs slower, so they stay whole.
+NATIVE_FP32_GEMM_TILE_ELEMS = 1 << 20
 # Elements dequantized per step inside a tile, whatever the tile size: the step's indices and fp32
 # values stay in L2 from the lookup through the scale multiply and cast.
 L2_ELEMS = 1 << 18
@@ -117,10 +125,12 @@ def _dequant_tile(qw: QuantizedWeight, scales: Tensor, r0: int, r1: int, c0: int
     return out
 
 
-def _tile_elems(m: int, native: bool = False) -> int:
+def _tile_elems(m: int, native: bool = False, dtype: torch.dtype = torch.float32) -> int:
     if m <= GEMV_ROWS:
         return TILE_ELEMS
-    return NATIVE_GEMM_TILE_ELEMS if native else GEMM_TILE_ELEMS
+    if not native:
+        return GEMM_TILE_ELEMS
+    return NATIVE_FP32_GEMM_TILE_ELEMS if dtype == torch.float32 else NATIVE_GEMM_TILE_ELEMS
 
 
 def _row_tile(n: int, k: int, elems: int) -> int:
@@ -156,7 +166,7 @@ def base_forward(x2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dtyp
             torch.mm(xc, w.t(), out=y[:, r0:r1])
         return y
     scales = None if native else reference.decode_scales(weight)
-    rows = _row_tile(n, k, _tile_elems(m, native))
+    rows = _row_tile(n, k, _tile_elems(m, native, dtype))
     ws = _Workspace(rows * k, dtype, x2.device, native)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -181,7 +191,7 @@ def base_backward(dy2: Tensor, weight: QuantizedWeight | Tensor, dtype: torch.dt
             dx = dyc[:, r0:r1] @ w if dx is None else dx.addmm_(dyc[:, r0:r1], w)
         return dx
     scales = None if native else reference.decode_scales(weight)
-    cols = _col_tile(n, k, weight.block_size, _tile_elems(m, native))
+    cols = _col_tile(n, k, weight.block_size, _tile_elems(m, native, dtype))
     ws = _Workspace(n * cols, dtype, dy2.device, native)
     dx = dyc.new_empty(dy2.shape[0], k)
     for c0 in range(0, k, cols):

@@ -142,12 +142,15 @@ def decode_window(qw: QuantizedWeight, r0: int, r1: int, c0: int, c1: int, out: 
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, name: str | None = None) -> Tensor:
-    """deq(W) ``[out, in]`` in ``dtype`` (default: the weight's own); equal bit for bit to the oracle's."""
+    """deq(W) ``[out, in]`` in ``dtype`` (default: the weight's own); equal bit for bit to the oracle's.
+    An output of 4 MiB or more is advised onto transparent huge pages before its first write."""
     dtype = dtype or qw.dtype
     if dtype not in NATIVE_DTYPES:
         raise KernelError(f"{layer_prefix(name)}native dequantize writes {list(NATIVE_DTYPES)}, not {dtype}")
+    check_storage(qw, name)
     out = torch.empty(qw.shape, dtype=dtype, device=qw.device)
-    return decode_window(qw, 0, qw.shape[0], 0, qw.shape[1], out, name=name)
+    _ops().advise_huge(out)  # a whole weight the caller keeps; never cpu_gemm's scratch tiles (see decode.cpp)
+    return decode_window(qw, 0, qw.shape[0], 0, qw.shape[1], out, name=name, check=False)
 
 
 def decode_matmul(x2: Tensor, qw: QuantizedWeight, out: Tensor | None = None, *, name: str | None = None,

@@ -271,10 +271,12 @@ def qlora_backward_ref(dy: Tensor, x: Tensor, weight: QuantizedWeight | Tensor, 
         lora_dx = torch.mm(dyB, A).mul_(scaling) if (need_dx and x_lora is None) or (need_dxl and x_lora is not None) \
             else None
     if need_dx:
-        dx = base_grad(dy2, weight, compute or acc).to(acc)
+        dx = base_grad(dy2, weight, compute or acc)
         if has_lora and x_lora is None:
-            dx = dx + lora_dx
-        dx = dx.to(x.dtype).reshape(x.shape)
+            # lora_dx + base in place (a bf16 base widened exactly inside the add): the same sum as casting
+            # the base to acc first and adding, without the cast's copy and a third [M, K] tensor
+            dx = lora_dx.add_(dx) if torch.promote_types(dx.dtype, acc) == acc else dx.to(acc) + lora_dx
+        dx = dx.to(acc).to(x.dtype).reshape(x.shape)
     if has_lora and x_lora is not None and need_dxl:
         dx_lora = lora_dx.to(x_lora.dtype).reshape(x_lora.shape)
     return dx, dx_lora, dA, dB

@@ -291,6 +291,11 @@ static Storage check_storage(const at::Tensor& packed, const at::Tensor& scales,
 // A freshly allocated output of many MB costs more in 4 KB page faults than in decoding (measured:
 // 64 MB fp32 = 16 ms of decode and ~65 ms of first-touch faults in this VM). Asking for transparent
 // huge pages before the first write turns 16384 faults into 32; pages already touched are unaffected.
+// Only for a whole dequantized weight the caller keeps (advise_huge, from cpu_native.dequantize), never in
+// decode_window: the advice sticks to the address range, and cpu_gemm's short-lived tiles live in malloc's
+// reused heap, where every later fault in an advised range may stall in direct compaction (THP
+// defrag=madvise). Advising the tiles cost the fp32 training step 100-150 ms of kernel time a step
+// (bench/RESULTS.md, cpu_train).
 static void advise_huge_pages(void* p, int64_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = 2u << 20;
@@ -315,7 +320,6 @@ void decode_window(const at::Tensor& packed, const at::Tensor& scales, const std
                   out.stride(1) == 1 && out.stride(0) >= c1 - c0,
               "peftfx_native: out must be a CPU [", r1 - r0, ", ", c1 - c0, "] tensor with unit column stride");
   const int64_t ld = out.stride(0), width = c1 - c0;
-  advise_huge_pages(out.data_ptr(), ((r1 - r0 - 1) * ld + width) * out.element_size());
   auto run = [&](auto* base) {
     using Out = std::remove_pointer_t<decltype(base)>;
     if (c0 == 0 && c1 == cols && ld == cols) {  // one flat range: split it evenly, whatever the shape
@@ -333,6 +337,12 @@ void decode_window(const at::Tensor& packed, const at::Tensor& scales, const std
     case at::kHalf: return run(out.data_ptr<c10::Half>());
     default: TORCH_CHECK(false, "peftfx_native: output dtype must be float32, bfloat16 or float16, got ", out.scalar_type());
   }
+}
+
+// Transparent-huge-page advice for a fresh contiguous CPU tensor, before its first write (see above).
+void advise_huge(const at::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "peftfx_native: advise_huge takes a contiguous CPU tensor");
+  advise_huge_pages(out.data_ptr(), out.numel() * out.element_size());
 }
 
 namespace scalar {
@@ -397,11 +407,13 @@ TORCH_LIBRARY(peftfx_native, lib) {
           "Tensor dyn, int format, int block_size, int block_size2, int rows, int cols, Tensor(a!) y) -> ()");
   lib.def("set_isa(int wanted) -> int", &set_isa);
   lib.def("detected_isa() -> int", &detected_isa);
+  lib.def("advise_huge(Tensor out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(peftfx_native, CPU, lib) {
   lib.impl("decode_window", &decode_window);
   lib.impl("decode_matmul", &decode_matmul);
+  lib.impl("advise_huge", &advise_huge);
 }
 
 }  // namespace peftfx_native

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from peftfx.errors import KernelError
 from peftfx.kernels import cpu_gemm as G
 from peftfx.kernels import reference as R
-from peftfx.kernels import dtypes, quantizer
+from peftfx.kernels import cpu_native, dtypes, quantizer
 from peftfx.kernels.modules import QLoRALinear
 
 FORMATS = ["nf4", "fp4", "int8", "int8-zeropoint", "llm-int8", "none"]
@@ -40,8 +40,9 @@ def test_tiled_path_matches_oracle(fmt, n, k_blocks, odd_k, bs, m, r, dq, x_lora
     A, B = torch.randn(r, k) * 0.1, torch.randn(n, r) * 0.1
     b = torch.randn(n) if bias else None
     dy = torch.randn(m, n)
-    old = G.TILE_ELEMS, G.GEMM_TILE_ELEMS, G.NATIVE_GEMM_TILE_ELEMS, os.environ.get("PEFTFX_CPU_NATIVE")
-    G.TILE_ELEMS = G.GEMM_TILE_ELEMS = G.NATIVE_GEMM_TILE_ELEMS = tile
+    old = (G.TILE_ELEMS, G.GEMM_TILE_ELEMS, G.NATIVE_GEMM_TILE_ELEMS, G.NATIVE_FP32_GEMM_TILE_ELEMS,
+           os.environ.get("PEFTFX_CPU_NATIVE"))
+    G.TILE_ELEMS = G.GEMM_TILE_ELEMS = G.NATIVE_GEMM_TILE_ELEMS = G.NATIVE_FP32_GEMM_TILE_ELEMS = tile
     os.environ["PEFTFX_CPU_NATIVE"] = "1" if native else "0"
     try:
         with warnings.catch_warnings():
@@ -49,11 +50,11 @@ def test_tiled_path_matches_oracle(fmt, n, k_blocks, odd_k, bs, m, r, dq, x_lora
             y = G.qlora_forward(x, weight, b, A, B, 0.7, xl, compute)
             got = G.qlora_backward(dy, x, weight, A, B, 0.7, xl, (True, True, True, True), compute)
     finally:
-        G.TILE_ELEMS, G.GEMM_TILE_ELEMS, G.NATIVE_GEMM_TILE_ELEMS = old[:3]
-        if old[3] is None:
+        G.TILE_ELEMS, G.GEMM_TILE_ELEMS, G.NATIVE_GEMM_TILE_ELEMS, G.NATIVE_FP32_GEMM_TILE_ELEMS = old[:4]
+        if old[4] is None:
             os.environ.pop("PEFTFX_CPU_NATIVE", None)
         else:
-            os.environ["PEFTFX_CPU_NATIVE"] = old[3]
+            os.environ["PEFTFX_CPU_NATIVE"] = old[4]
     y_ref = R.qlora_forward_ref(x, weight, b, A, B, 0.7, xl, compute)
     want = R.qlora_backward_ref(dy, x, weight, A, B, 0.7, xl, (True, True, True, True), compute)
     # bf16 GEMMs: operands are rounded identically, sums differ by accumulation order, output by 1 bf16 ulp
@@ -127,3 +128,27 @@ def test_bad_compute_dtypes_raise_kernel_errors_naming_the_value():
     qw = quantizer.quantize(torch.randn(16, 64), "nf4")
     with pytest.raises(KernelError, match="layer 'model.q': compute_dtype torch.int8"):
         ops.qlora_linear(torch.randn(2, 64), qw, None, None, None, 0.0, name="model.q", compute_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_fp32_tiles_are_capped_and_half_tiles_stay_whole(dtype, monkeypatch):
+    """fp32 GEMM tiles hold at most NATIVE_FP32_GEMM_TILE_ELEMS (a fresh whole-weight fp32 tile faulted its pages
+    in on every call inside a training step); bf16 tiles stay whole weights up to NATIVE_GEMM_TILE_ELEMS (AMX
+    GEMMs run best on them). Forward walks row tiles, backward column tiles; both match the oracle."""
+    if not cpu_native.available():
+        pytest.skip("the native decoder is not built here")
+    weight = _weight("nf4", 96, 256, 64, True)
+    windows = []
+    decode = cpu_native.decode_window
+    monkeypatch.setattr(cpu_native, "decode_window",
+                        lambda qw, r0, r1, c0, c1, out, **kw: windows.append((r1 - r0) * (c1 - c0)) or
+                        decode(qw, r0, r1, c0, c1, out, **kw))
+    monkeypatch.setattr(G, "NATIVE_FP32_GEMM_TILE_ELEMS", 96 * 64)
+    x, dy = torch.randn(G.GEMV_ROWS + 4, 256), torch.randn(G.GEMV_ROWS + 4, 96)
+    y, dx = G.base_forward(x, weight, dtype), G.base_backward(dy, weight, dtype)
+    if dtype == torch.float32:
+        assert len(windows) == 8 and max(windows) <= 96 * 64  # 4 row tiles of 24 rows, 4 column tiles of 64
+    else:
+        assert windows == [96 * 256, 96 * 256]
+    torch.testing.assert_close(y.float(), R.base_product(x, weight, dtype).float(), rtol=1e-2, atol=0.1)
+    torch.testing.assert_close(dx.float(), R.base_grad(dy, weight, dtype).float(), rtol=1e-2, atol=0.1)

@@ -223,6 +223,36 @@ def test_cpu_gemm_tiles_round_once_natively(dtype):
     torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2 * 200 ** 0.5)
 
 
+def _huge_page_advised(t: torch.Tensor) -> bool:
+    """Whether the mapping holding ``t``'s middle byte carries MADV_HUGEPAGE (``hg`` in /proc/self/smaps); the
+    advice covers the 2 MiB-aligned pages inside the tensor, so its head may sit in a mapping of its own."""
+    addr, inside = t.data_ptr() + t.numel() * t.element_size() // 2, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "VmFlags:":
+            return "hg" in line.split()[1:]
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not Path("/sys/kernel/mm/transparent_hugepage").exists(),
+                    reason="needs Linux /proc/self/smaps and a kernel with transparent huge pages")
+def test_huge_page_advice_only_for_a_whole_dequantized_weight():
+    """``dequantize``'s fresh output (a weight the caller keeps) is advised onto huge pages; a window written
+    into a caller's buffer (cpu_gemm's scratch tiles in malloc's reused heap) never is: advice sticks to the
+    range and made later faults there stall."""
+    qw = QuantizedWeight("nf4", torch.randint(0, 256, (4096 * 2048,), dtype=torch.uint8),
+                         torch.rand(4096 * 4096 // 64) + 0.5, None, None, (4096, 4096), 64)  # random codes, 64 MiB out
+    assert _huge_page_advised(cpu_native.dequantize(qw, torch.float32))
+    tile = torch.empty(4096, 4096)  # 64 MiB: above malloc's largest mmap threshold, a mapping of its own
+    cpu_native.decode_window(qw, 0, 4096, 0, 4096, tile)
+    assert not _huge_page_advised(tile)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.peftfx_native.advise_huge(tile.t())
+
+
 def test_reference_backend_never_calls_native(monkeypatch):
     monkeypatch.setenv("PEFTFX_KERNELS", "reference")
 
