@@ -28,7 +28,8 @@ Two details make it cost no more time than the checkpointed untiled MLP:
   backward stops right there (torch's early stop) without running the MLP: the MLP runs once in
   forward and once, chunk by chunk, in backward, the same count as the untiled checkpointed block
   (whose recompute runs gate and up because ``act_mul`` saves them).
-* with one chunk (short sequences) the work is exactly the untiled block's, in the same order.
+* with one chunk (short sequences) the MLP runs as it is (the untiled graph, bitwise): tiling it
+  would hold the chunk's output and ``x``'s gradient besides what the untiled backward holds.
 
 Dropout inside the MLP (LoRA dropout on its linears): each chunk draws its own mask, so masks
 differ from the untiled graph's (same distribution); the RNG state at the forward is restored for
@@ -132,7 +133,8 @@ class _TiledRun(torch.autograd.Function):
             raise RuntimeError(f"TiledMLP: {mlp.extra_repr()}: trainable parameters changed between forward "
                                "and backward")
         wanted = [p for p, n in zip(params, needs) if n]
-        grad_x = torch.empty_like(x) if ctx.x_needs_grad else None
+        one = len(mlp.chunks(x)) == 1  # x's gradient is the chunk's: no buffer to copy it into
+        grad_x = torch.empty_like(x) if ctx.x_needs_grad and not one else None
         sums: list[torch.Tensor | None] = [None] * len(wanted)
 
         def backward_chunk(xc: torch.Tensor, args: tuple, start: int, size: int) -> None:
@@ -142,8 +144,12 @@ class _TiledRun(torch.autograd.Function):
                 yc = mlp.graph_call(args[:mlp.x_index] + (xc,) + args[mlp.x_index + 1:])
             inputs = ([xc] if ctx.x_needs_grad else []) + wanted
             grads = torch.autograd.grad(yc, inputs, grad.narrow(dim, start, size), allow_unused=True)
+            nonlocal grad_x
             if ctx.x_needs_grad:
-                grad_x.narrow(dim, start, size).copy_(grads[0])
+                if one:
+                    grad_x = grads[0]
+                else:
+                    grad_x.narrow(dim, start, size).copy_(grads[0])
                 grads = grads[1:]
             for i, g in enumerate(grads):
                 if g is not None:
@@ -256,8 +262,9 @@ class TiledMLP(GraphModule):
     def _tiled_forward(self, *args: Any) -> Any:
         x = args[self.x_index]
         params = self.trainable()
-        if not self.enabled or not torch.is_grad_enabled() or not (x.requires_grad or params):
-            return self.graph_call(args)
+        if not self.enabled or not torch.is_grad_enabled() or not (x.requires_grad or params) \
+                or len(self.chunks(x)) == 1:
+            return self.graph_call(args)  # one chunk: the untiled MLP is as cheap and keeps two hidden states less
         anchors = () if x.requires_grad else tuple(params[:1])
         kept = _KeepInput.apply(x, *anchors)
         return _TiledRun.apply(kept, self, args, x.requires_grad, *params)

@@ -11,7 +11,9 @@ parameter names and tensors) wrapped as a :class:`~peftfx.kernels.tiled_mlp.Tile
 An MLP is tiled only when chunking its rows is exact, which the pass proves from the graph:
 
 * one tensor input ``x`` (the normed hidden state) and one output; its other inputs are sizes
-  of ``x`` (GPT-2's reshapes), which each chunk replaces by its own;
+  of ``x`` (GPT-2's reshapes), which each chunk replaces by its own; in a static-shape graph (the
+  memory estimate's capture) reshapes of token-dependent values hold literal sizes, so an MLP with
+  them (GPT-2's) is left untiled there;
 * every op that depends on ``x`` is row-wise: linears (swapped QLoRA/LoRA layers, ``aten.linear``
   / ``addmm`` / ``mm`` with ``x`` on the row side), ``act_mul``, elementwise math, dtype casts,
   dropout, and reshapes whose results keep the token dims in front (as ``x``'s leading dims or
@@ -47,6 +49,7 @@ _ROWWISE = {getattr(_aten, n) for n in (
     "to", "_to_copy", "clone", "contiguous", "view", "reshape", "_unsafe_view", "alias", "detach",
     "dropout", "native_dropout", "_assert_tensor_metadata", "sym_size")}
 _MATMULS = {_aten.linear: 0, _aten.mm: 0, _aten.matmul: 0, _aten.addmm: 1}  # packet -> the row operand's index
+_RESHAPES = {_aten.view, _aten.reshape, _aten._unsafe_view, _aten.expand}
 _ROW_MODULES = ("QLoRALinear", "LoRALinear", "Dropout", "Linear")
 
 
@@ -92,8 +95,9 @@ def _why_not_tileable(gm: GraphModule, prefix: str, members: list[Node]) -> tupl
         return f"{prefix} reads {len(tensors)} tensors from outside ({', '.join(a.name for a in tensors[:3])})", {}
     x = tensors[0]
     xv = _val(x)
-    if xv.dim() < 2 or not any(isinstance(d, torch.SymInt) for d in xv.shape[:-1]):
-        return f"{prefix}'s input {list(xv.shape)} has no dynamic token dims (a static-shape graph)", {}
+    if xv.dim() < 2:
+        return f"{prefix}'s input {list(xv.shape)} has no token dims", {}
+    static = not any(isinstance(d, torch.SymInt) for d in xv.shape[:-1])
     lead = list(xv.shape[:-1])
     sym_dims = {}
     for a in outside:
@@ -116,8 +120,14 @@ def _why_not_tileable(gm: GraphModule, prefix: str, members: list[Node]) -> tupl
             kind = type(gm.get_submodule(n.target)).__name__
             if kind not in _ROW_MODULES or len(n.all_input_nodes) != 1:
                 return f"{prefix} calls {n.target} ({kind}), not a row-wise module", {}
+            if getattr(gm.get_submodule(n.target), "format", None) == "llm-int8":
+                return (f"{n.target} is llm-int8, which picks its outlier columns over all tokens of a "
+                        "call: chunks would pick others"), {}
         elif n.op == "call_function":
             packet = _packet(n)
+            if static and packet in _RESHAPES:
+                return (f"{prefix}: {n.name} reshapes to fixed sizes (a static-shape graph: the chunks would not "
+                        "fit them)"), {}
             if packet in _MATMULS:
                 side = [a for i, a in enumerate(n.args) if isinstance(a, Node) and a in depends and i != _MATMULS[packet]]
                 if side:
