@@ -48,6 +48,8 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY as _PRESERVED
 
+from peftfx.kernels.ops import output_unused
+
 __all__ = ["TiledMLP", "MIN_TILE_TOKENS", "tile_tokens", "in_tiled_forward"]
 
 MIN_TILE_TOKENS = 512
@@ -140,7 +142,7 @@ class _TiledRun(torch.autograd.Function):
         def backward_chunk(xc: torch.Tensor, args: tuple, start: int, size: int) -> None:
             dim = mlp.chunk_dim(x)
             xc = xc.detach().requires_grad_(ctx.x_needs_grad)
-            with torch.enable_grad():
+            with torch.enable_grad(), mlp.last_linear_unused():
                 yc = mlp.graph_call(args[:mlp.x_index] + (xc,) + args[mlp.x_index + 1:])
             inputs = ([xc] if ctx.x_needs_grad else []) + wanted
             grads = torch.autograd.grad(yc, inputs, grad.narrow(dim, start, size), allow_unused=True)
@@ -177,7 +179,7 @@ class TiledMLP(GraphModule):
     """
 
     def __init__(self, mlp: GraphModule, *, x_index: int, sym_dims: dict[int, int], intermediate: int,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, last_linear: str | None = None) -> None:
         super().__init__(mlp, mlp.graph, class_name=f"Tiled{type(mlp).__name__}")
         for attr in ("_modules", "_parameters", "_buffers"):  # the MLP's own children and tensors
             getattr(self, attr).clear()
@@ -186,7 +188,7 @@ class TiledMLP(GraphModule):
         self.train(mlp.training)
         self.meta = dict(getattr(mlp, "meta", {}))
         self.meta[_PRESERVED] = {"x_index": x_index, "sym_dims": dict(sym_dims), "intermediate": intermediate,
-                                 "enabled": bool(enabled), "min_tokens": MIN_TILE_TOKENS}
+                                 "enabled": bool(enabled), "min_tokens": MIN_TILE_TOKENS, "last_linear": last_linear}
         for k, v in self.meta[_PRESERVED].items():
             setattr(self, k, v)
 
@@ -206,6 +208,14 @@ class TiledMLP(GraphModule):
         cls._graph_forward = cls.__dict__["forward"]
         cls.forward = TiledMLP._tiled_forward
         return code
+
+    def last_linear_unused(self):
+        """While the backward rebuilds a chunk's graph: the last linear (down_proj), whose output only
+        roots the graph, skips its matmul (its backward reads its input and weights, not its output).
+        The untiled block's recompute skips it the same way (torch's early stop)."""
+        if self.last_linear is None:
+            return contextlib.nullcontext()
+        return output_unused(self.get_submodule(self.last_linear).weight)
 
     def graph_call(self, args: tuple) -> Any:
         return type(self)._graph_forward(self, *args)
@@ -281,7 +291,7 @@ class TiledMLP(GraphModule):
 def _rebuild(rebuild: Callable, args: tuple, state: dict) -> TiledMLP:
     """Unpickle: GraphModule's own rebuild of the graph code, wrapped again."""
     mlp = TiledMLP(rebuild(*args), x_index=state["x_index"], sym_dims=state["sym_dims"],
-                   intermediate=state["intermediate"])
+                   intermediate=state["intermediate"], last_linear=state.get("last_linear"))
     mlp.set_tiling(state["enabled"], state["min_tokens"])
     return mlp
 

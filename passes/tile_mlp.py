@@ -141,6 +141,21 @@ def _why_not_tileable(gm: GraphModule, prefix: str, members: list[Node]) -> tupl
     return "", {"x": x, "sym_dims": sym_dims}
 
 
+def _last_linear(gm: GraphModule, prefix: str, members: list[Node]) -> str | None:
+    """The QLoRA/LoRA linear whose output, through reshapes only (each read once), is the MLP's output:
+    its path relative to the MLP (``down_proj``), or None."""
+    member_set = set(members)
+    node = next(n for n in reversed(members) if any(u not in member_set for u in n.users))
+    while node.op == "call_function" and _packet(node) in _RESHAPES and len(node.users) == 1 \
+            and isinstance(node.args[0], Node) and node.args[0] in member_set:
+        node = node.args[0]
+        if len(node.users) != 1:
+            return None
+    if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ in ("QLoRALinear", "LoRALinear"):
+        return node.target[len(prefix) + 1:]
+    return None
+
+
 def _intermediate(members: list[Node]) -> int:
     sizes = [v.shape[-1] for n in members if isinstance(v := _val(n), torch.Tensor) and v.dim()
              and isinstance(v.shape[-1], int)]
@@ -181,9 +196,9 @@ def tile_mlps(gm: GraphModule, enabled: bool = True, min_tokens: int | None = No
             inputs.extend(a for a in n.all_input_nodes if a not in members and a not in inputs)
         x_index = inputs.index(found["x"])
         sym_dims = {inputs.index(a): d for a, d in found["sym_dims"].items()}
-        width = _intermediate(members)
+        width, last = _intermediate(members), _last_linear(gm, prefix, members)
         call = outline_region(gm, prefix, members, wrap=lambda mlp: TiledMLP(
-            mlp, x_index=x_index, sym_dims=sym_dims, intermediate=width, enabled=enabled))
+            mlp, x_index=x_index, sym_dims=sym_dims, intermediate=width, enabled=enabled, last_linear=last))
         call.meta["peftfx.pass"] = "tile_mlp"
         gm.get_submodule(prefix).set_tiling(enabled, min_tokens)
         tiled.append(prefix)
@@ -213,7 +228,8 @@ def tile_mlp(gm: GraphModule, ctx: PassContext) -> PassResult:
     tiled, skipped = tile_mlps(gm, min_tokens=spec.tile_tokens)
     for prefix in tiled:
         mlp = gm.get_submodule(prefix)
-        ctx.note(mlp=prefix, tiled=True, min_tokens=mlp.min_tokens, intermediate=mlp.intermediate)
+        ctx.note(mlp=prefix, tiled=True, min_tokens=mlp.min_tokens, intermediate=mlp.intermediate,
+                 output_skipped_in_backward=mlp.last_linear)
     for prefix, reason in skipped.items():
         ctx.note(mlp=prefix, tiled=False, reason=reason)
     if not tiled and not skipped:
