@@ -129,7 +129,8 @@ def _why_not_tileable(gm: GraphModule, prefix: str, members: list[Node]) -> tupl
                 return (f"{prefix}: {n.name} reshapes to fixed sizes (a static-shape graph: the chunks would not "
                         "fit them)"), {}
             if packet in _MATMULS:
-                side = [a for i, a in enumerate(n.args) if isinstance(a, Node) and a in depends and i != _MATMULS[packet]]
+                rows = _MATMULS[packet]
+                side = [a for i, a in enumerate(n.args) if isinstance(a, Node) and a in depends and i != rows]
                 if side:
                     return f"{prefix}: {n.name} multiplies two token-dependent operands", {}
             elif packet not in _ROWWISE and packet is not torch.ops.peftfx.act_mul \

@@ -83,8 +83,8 @@ def test_tiled_mlp_equals_the_untiled_compile(name):
     _assert_close(_run(tiled, case.other_inputs), _run(ref, case.other_inputs), rel=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["int8", pytest.param("int8-zeropoint", marks=pytest.mark.slow),
-                                 pytest.param("fp4", marks=pytest.mark.slow), pytest.param("none", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", ["int8"] + [pytest.param(f, marks=pytest.mark.slow)
+                                            for f in ("int8-zeropoint", "fp4", "none")])
 def test_every_format_tiles_with_lora_on_the_mlp(fmt):
     case = make_case("llama")
     plan = _plan(case, tile_tokens=3)
