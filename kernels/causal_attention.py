@@ -42,6 +42,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """``aten.scaled_dot_product_attention`` with the same arguments; a mask that is exactly causal
     becomes ``is_causal=True`` (see the module docstring). Shapes: query ``[B, H, S, D]``, key and
     value ``[B, H_kv, S_kv, D]`` -> ``[B, H, S, D]``."""
+    if isinstance(query, torch.fx.Proxy):  # a GraphModule re-traced from its code (unpickling): stay one call
+        kwargs = dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa, size_only_mask=size_only_mask)
+        return query.tracer.create_proxy("call_function", scaled_dot_product_attention, (), kwargs)
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
     if not is_causal and is_causal_mask(attn_mask, query.shape[-2], key.shape[-2], size_only_mask):
         return sdpa(query, key, value, None, dropout_p, True, scale=scale, enable_gqa=enable_gqa)
