@@ -94,7 +94,7 @@ def test_every_format_tiles_with_lora_on_the_mlp(fmt):
     _assert_close(_run(tiled, case.other_inputs), _run(ref, case.other_inputs), rel=1e-6)
 
 
-@pytest.mark.parametrize("checkpoint", ["off", pytest.param("selective", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("checkpoint", [pytest.param(c, marks=pytest.mark.slow) for c in ("off", "selective")])
 def test_tile_mlp_true_works_without_block_checkpointing(checkpoint):
     case = make_case("llama")
     tiled, ref = _pair(case, _plan(case, tile_mlp=True, tile_tokens=3, checkpoint=checkpoint),
@@ -152,7 +152,7 @@ def _wide_llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
-def test_tiling_lowers_the_estimated_peak_and_keeps_names(tmp_path):
+def test_tiling_lowers_the_estimated_peak_and_survives_copies():
     case = make_case("llama")
     ids = torch.randint(0, 96, (2, 128))
     inputs = {"input_ids": ids, "labels": ids}
@@ -169,9 +169,7 @@ def test_tiling_lowers_the_estimated_peak_and_keeps_names(tmp_path):
     mlp = gm.get_submodule("model.layers.0.mlp")
     for clone in (copy.deepcopy(mlp), pickle.loads(pickle.dumps(mlp))):
         assert isinstance(clone, TiledMLP) and clone.min_tokens == 16 and clone.enabled
-    peftfx.save_adapters(gm, tmp_path)  # adapters load into the untiled module under the same names
-    fresh = peftfx.compile(make_case("llama").model, plans[False], example_inputs=case.inputs)
-    peftfx.load_adapters(fresh, tmp_path)
+        assert clone.last_linear == "down_proj"
 
 
 def test_mlps_that_are_not_row_wise_stay_untiled_with_a_reason():
