@@ -38,6 +38,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY as _PRESERVED
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import peftfx.kernels.ops  # noqa: F401  (registers peftfx::qlora_linear, which the selective policy saves)
+from peftfx.kernels.tiled_mlp import in_tiled_forward
 
 __all__ = ["CheckpointedBlock", "SAVE_OPS", "POLICIES", "save_policy", "HostOffload", "offload_hooks"]
 
@@ -61,7 +62,11 @@ def _custom_save_ops() -> tuple:
 
 
 def save_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Selective checkpointing: save matmul / attention / QLoRA-linear outputs, recompute the rest."""
+    """Selective checkpointing: save matmul / attention / QLoRA-linear outputs, recompute the rest.
+
+    Nothing is saved from inside a tiled MLP's forward: its backward recomputes its chunks itself."""
+    if in_tiled_forward():
+        return CheckpointPolicy.PREFER_RECOMPUTE
     packet = getattr(op, "overloadpacket", op)
     return CheckpointPolicy.MUST_SAVE if packet in _SAVED else CheckpointPolicy.PREFER_RECOMPUTE
 

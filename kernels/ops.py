@@ -12,6 +12,8 @@ them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Optional, Sequence
 
@@ -24,7 +26,22 @@ from peftfx.kernels.backend import backend_for
 from peftfx.kernels.dtypes import COMPUTE_DTYPES, gemm_dtype
 from peftfx.kernels.formats import FORMATS, QuantizedWeight, layer_prefix
 
-__all__ = ["qlora_linear", "dequantize", "backend_for", "check_weight_storage"]
+__all__ = ["qlora_linear", "dequantize", "backend_for", "check_weight_storage", "output_unused"]
+
+_UNUSED_OUTPUT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("peftfx_unused_output", default=None)
+
+
+@contextlib.contextmanager
+def output_unused(packed: Tensor):
+    """Inside, ``qlora_linear`` calls on the layer whose frozen weight storage is ``packed`` return an
+    uninitialized output instead of computing it; autograd still records them. For a caller that
+    builds the graph only to backpropagate through it (the tiled MLP's chunk recompute): the
+    backward reads the saved inputs and weights, never the output."""
+    token = _UNUSED_OUTPUT.set((packed.untyped_storage()._cdata, tuple(packed.shape)))
+    try:
+        yield
+    finally:
+        _UNUSED_OUTPUT.reset(token)
 
 
 def _triton_modules():
@@ -96,6 +113,8 @@ def _qlora_linear_op(
     scaling: float, format: str, block_size: int, block_size2: int, out_features: int, in_features: int,
     threshold: float, compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
+    if _UNUSED_OUTPUT.get() == (packed.untyped_storage()._cdata, tuple(packed.shape)):
+        return x.new_empty(*x.shape[:-1], out_features)  # output_unused: nobody reads it
     w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                    x.dtype, threshold)
     if backend_for(x) == "triton":

@@ -329,21 +329,40 @@ class MemorySpec(_Spec):
         budget: peak bytes one training step may use, as ``"24GiB"``, ``"500MB"`` or bytes; with
             ``"selective"`` the compiler picks per block what to save so that the estimated peak
             fits, and compile fails naming the smallest reachable peak when nothing fits.
+        tile_mlp: ``"auto"`` (default: tile with ``checkpoint = "blocks"``, where the MLP's
+            backward is the step's peak), ``true`` (tile with any checkpoint mode; with ``"off"``
+            or ``"selective"`` the MLP is then recomputed in backward) or ``false``. A tiled MLP
+            runs in token chunks and keeps only its input for backward
+            (:mod:`peftfx.kernels.tiled_mlp`, :mod:`peftfx.passes.tile_mlp`).
+        tile_tokens: fewest tokens per MLP chunk (default 512); chunks hold
+            ``max(tile_tokens, ceil(tokens * hidden / intermediate))`` tokens, so one chunk's
+            ``[chunk, intermediate]`` tensor is no larger than a hidden state.
     """
 
     _section: ClassVar[str] = "memory"
     checkpoint: str = "off"
     offload: str = "none"
     budget: str | int | None = None
+    tile_mlp: bool | str = "auto"
+    tile_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("memory.checkpoint", self.checkpoint, CHECKPOINT_MODES)
         check_choice("memory.offload", self.offload, OFFLOAD_MODES)
         if self.budget is not None:
             check_size("memory.budget", self.budget)
+        if not isinstance(self.tile_mlp, bool) and self.tile_mlp != "auto":
+            raise PlanError(f"memory.tile_mlp must be true, false or 'auto'; got {self.tile_mlp!r}")
+        if self.tile_tokens is not None:
+            check_int("memory.tile_tokens", self.tile_tokens, 1)
         if self.offload != "none" and self.checkpoint == "off":
             raise PlanError(f"memory.offload = {self.offload!r} moves the inputs of checkpointed blocks, but "
                             "memory.checkpoint = 'off'; set checkpoint = 'blocks' or 'selective'")
+
+    @property
+    def tiles_mlp(self) -> bool:
+        """Whether MLPs are tiled: ``tile_mlp``, with ``"auto"`` resolved (on with ``"blocks"`` only)."""
+        return self.checkpoint == "blocks" if self.tile_mlp == "auto" else bool(self.tile_mlp)
 
     @property
     def budget_bytes(self) -> int | None:

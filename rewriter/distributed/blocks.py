@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
@@ -34,7 +35,7 @@ from peftfx.graph import set_submodule
 from peftfx.targets import block_of
 from peftfx.trace import owner_fqn
 
-__all__ = ["OutlineResult", "block_prefixes", "outline_blocks"]
+__all__ = ["OutlineResult", "block_prefixes", "outline_blocks", "owned_nodes", "check_region", "outline_region"]
 
 
 @dataclass
@@ -79,8 +80,13 @@ def _block_of(node: Node, prefixes: list[str]) -> str | None:
     return None
 
 
-def _check_block(graph: Graph, prefix: str, members: list[Node]) -> str:
-    """Empty if ``members`` can become one call, else why not."""
+def owned_nodes(graph: Graph, prefix: str) -> list[Node]:
+    """The nodes of ``graph`` that belong to module ``prefix`` (by target or owning module), in graph order."""
+    return [n for n in graph.nodes if _block_of(n, [prefix]) is not None]
+
+
+def check_region(graph: Graph, prefix: str, members: list[Node]) -> str:
+    """Empty if ``members`` (graph order) can become one call of module ``prefix``, else why not."""
     member_set = set(members)
     for n in members:
         if n.op == "call_module" and n.target == prefix:
@@ -104,8 +110,14 @@ def _check_block(graph: Graph, prefix: str, members: list[Node]) -> str:
     return ""
 
 
-def _outline(gm: GraphModule, prefix: str, members: list[Node]) -> None:
-    """Replace ``members`` (graph order) by ``call_module(prefix, inputs)``; register the block graph."""
+def outline_region(gm: GraphModule, prefix: str, members: list[Node],
+                   wrap: Callable[[GraphModule], nn.Module] | None = None) -> Node:
+    """Replace ``members`` (graph order, checked by :func:`check_region`) by ``call_module(prefix, inputs)``.
+
+    The members become a ``GraphModule`` registered at ``prefix`` that holds the module's original
+    children, parameters and buffers (``wrap(block)`` is registered instead when given); its
+    placeholders are the members' outside inputs in first-use order. Returns the call node.
+    """
     graph = gm.graph
     member_set = set(members)
     inputs: list[Node] = []
@@ -158,7 +170,8 @@ def _outline(gm: GraphModule, prefix: str, members: list[Node]) -> None:
         o.replace_all_uses_with(r, delete_user_cb=lambda u: u not in member_set)
     for n in reversed(members):
         graph.erase_node(n)
-    set_submodule(gm, prefix, block)
+    set_submodule(gm, prefix, block if wrap is None else wrap(block))
+    return call
 
 
 def outline_blocks(gm: GraphModule) -> OutlineResult:
@@ -189,12 +202,12 @@ def outline_blocks(gm: GraphModule) -> OutlineResult:
     done = [p for p in prefixes if members[p] and all(n.op == "call_module" and n.target == p for n in members[p])]
     todo = [p for p in prefixes if p not in done]
     for p in todo:
-        reason = _check_block(graph, p, members[p])
+        reason = check_region(graph, p, members[p])
         if reason:
             result.reason = reason
             return result
     for p in todo:
-        _outline(gm, p, members[p])
+        outline_region(gm, p, members[p])
     graph.lint()
     gm.recompile()
     order = {n.target: i for i, n in enumerate(graph.nodes) if n.op == "call_module"}

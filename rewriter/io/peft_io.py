@@ -35,6 +35,7 @@ from peftfx.errors import CheckpointError
 from peftfx.io.checkpoint import read_safetensors
 from peftfx.kernels.modules import qlora_layers
 from peftfx.kernels.prompt_modules import PrefixKV, ReparamPrefixKV, SoftPrompt
+from peftfx.passes.causal_attention import is_sdpa
 from peftfx.passes.prefix_tuning import (
     load_prefix_prompt_embeddings,
     prefix_prompt_embeddings,
@@ -230,9 +231,9 @@ def _default_task(root: tuple[str, str] | None) -> str:
 
 def _attention_shape(gm: nn.Module) -> tuple[int, int | None]:
     """(number of SDPA calls, query heads) read off the graph, as PEFT reads them off the config."""
-    sdpa = [n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default]
-    q = sdpa[0].args[0].meta.get("val") if sdpa else None
+    sdpa = [n for n in gm.graph.nodes if is_sdpa(n)]
+    query = (sdpa[0].args[0] if sdpa[0].args else sdpa[0].kwargs["query"]) if sdpa else None
+    q = query.meta.get("val") if query is not None else None
     return len(sdpa), (int(q.shape[1]) if isinstance(q, Tensor) else None)
 
 

@@ -96,8 +96,8 @@ def test_inspect_json_with_pass_diff_and_dot_graph(files, tmp_path, capsys):
     assert code == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["schema"] == "peftfx.inspect" and rep["schema_version"] == 1
-    assert [p["name"] for p in rep["passes"]] == ["swap_linear", "fuse_activations", "fuse_linear_cross_entropy",
-                                                  "freeze"]
+    assert [p["name"] for p in rep["passes"]] == ["swap_linear", "causal_attention", "fuse_activations",
+                                                  "fuse_linear_cross_entropy", "freeze"]
     assert {t["target"] for t in rep["passes"][0]["targets"]} == {"up", "down"}
     assert rep["diff"]["pass"] == "swap_linear" and "+    up = self.up(x)" in rep["diff"]["text"]
     assert dot.read_text().startswith("digraph peftfx {")

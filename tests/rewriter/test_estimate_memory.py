@@ -20,7 +20,10 @@ ALL = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj
 QLORA = {"targets": ALL, "quant": {"format": "nf4", "double_quant": True},
          "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}}
 SETTINGS = {"off": {"checkpoint": "off"}, "blocks": {"checkpoint": "blocks"},
-            "selective": {"checkpoint": "selective"}, "blocks+offload": {"checkpoint": "blocks", "offload": "cpu"}}
+            "selective": {"checkpoint": "selective"}, "blocks+offload": {"checkpoint": "blocks", "offload": "cpu"},
+            # 512 tokens in 3 MLP chunks of 171 (hidden 256, intermediate 768)
+            "blocks+tiled": {"checkpoint": "blocks", "tile_tokens": 64},
+            "blocks untiled": {"checkpoint": "blocks", "tile_mlp": False}}
 
 
 def _small_llama(layers: int = 4):
@@ -56,7 +59,8 @@ def _measured_peak(gm, inputs) -> int:
 
 
 @pytest.mark.parametrize("setting", [
-    "blocks", pytest.param("selective", marks=pytest.mark.slow), pytest.param("blocks+offload", marks=pytest.mark.slow),
+    "blocks", "blocks+tiled", pytest.param("blocks untiled", marks=pytest.mark.slow),
+    pytest.param("selective", marks=pytest.mark.slow), pytest.param("blocks+offload", marks=pytest.mark.slow),
 ])
 def test_measured_peak_follows_the_estimate_for_each_memory_setting(setting):
     """off is tests/rewriter/test_estimate.py's nf4+lora case; the ordering of the settings'
@@ -65,6 +69,7 @@ def test_measured_peak_follows_the_estimate_for_each_memory_setting(setting):
     plan = {**QLORA, "memory": SETTINGS[setting]}
     est = estimate(_small_llama(), plan, example_inputs=inputs)
     assert est.memory["checkpoint"] == SETTINGS[setting]["checkpoint"] and est.memory["checkpointed_blocks"] == 4
+    assert est.memory["tiled_mlps"] == (4 if setting in ("blocks", "blocks+tiled", "blocks+offload") else 0)
     measured = _measured_peak(peftfx.compile(_small_llama(), plan, example_inputs=inputs), inputs)
     ratio = est.after.peak / measured
     print(f"{setting}: estimated {format_bytes(est.after.peak)}, measured {format_bytes(measured)}, ratio {ratio:.3f}")

@@ -67,7 +67,7 @@ def test_pass_diff_shows_the_swapped_lines(gm):
     assert diff.startswith("--- before swap_linear\n+++ after swap_linear")
     assert "-    linear = torch.ops.aten.linear.default(x" in diff
     assert "+    up = self.up(x)" in diff
-    with pytest.raises(PlanError, match="prefix_tuning.*passes that ran: swap_linear, fuse_activations, "
+    with pytest.raises(PlanError, match="prefix_tuning.*passes that ran: swap_linear, causal_attention, fuse_activations, "
                        "fuse_linear_cross_entropy, freeze"):
         pass_diff(gm, "prefix_tuning")
 

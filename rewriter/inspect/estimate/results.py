@@ -103,7 +103,8 @@ def _render_fit(fit: dict) -> list[str]:
     lines = [f"fit in {format_bytes(fit['budget'])} (batch {fit['batch']}):"]
     for s in fit["settings"]:
         mark = "fits" if s["fits"] else "too big"
-        lines.append(f"  checkpoint = {s['checkpoint']!r}, offload = {s['offload']!r}: peak "
+        tiled = ", MLPs tiled" if s.get("tile_mlp") else ""
+        lines.append(f"  checkpoint = {s['checkpoint']!r}, offload = {s['offload']!r}{tiled}: peak "
                      f"{format_bytes(s['peak'])} ({mark})")
     chosen = fit["chosen"]
     if chosen is None:

@@ -15,9 +15,11 @@ from peftfx.inspect.estimate.results import Estimate
 from peftfx.inspect.estimate.twin import compiled_twin, layer_rows
 from peftfx.inspect.model_source import default_inputs
 from peftfx.kernels.checkpointed_block import CheckpointedBlock
+from peftfx.kernels.tiled_mlp import TiledMLP
 from peftfx.memory.allocator import OPTIMIZERS, measure
 from peftfx.memory.twin import fake_inputs, fake_twin
 from peftfx.passes.activation_checkpoint import planning_device
+from peftfx.passes.tile_mlp import set_mlp_tiling
 from peftfx.plan import MemorySpec, Plan
 from peftfx.plan_io import check_size
 
@@ -60,13 +62,18 @@ def _fit(model: nn.Module, plan: Plan, budget: int, mode, dtype, inputs: Any, ba
     if not blocks:
         settings = [("off", "none")]
 
+    def tiles(setting) -> bool:  # what the plan's tile_mlp means with this checkpoint mode
+        return dataclasses.replace(memory, checkpoint=setting[0]).tiles_mlp
+
     def peak(setting, b: int) -> int:
         for block in blocks:
             block.set_policy(_POLICY[setting[0]], setting[1] == "cpu")
+        set_mlp_tiling(gm, tiles(setting))
         return measure(gm, _with_batch(mode, inputs, batch, b), mode, optimizer, train_device).peak
 
-    tried = [{"checkpoint": c, "offload": o, "peak": (p := peak((c, o), batch)), "fits": p <= budget}
-             for c, o in settings]
+    tiled = set_mlp_tiling(gm, True) > 0
+    tried = [{"checkpoint": c, "offload": o, "tile_mlp": tiled and tiles((c, o)), "peak": (p := peak((c, o), batch)),
+              "fits": p <= budget} for c, o in settings]
     chosen = next((s for s in tried if s["fits"]), None)
     max_batch = None
     if chosen is not None:  # the peak is affine in the batch: two points, a prediction, then a check
@@ -76,7 +83,7 @@ def _fit(model: nn.Module, plan: Plan, budget: int, mode, dtype, inputs: Any, ba
         while max_batch > batch and peak(setting, max_batch) > budget:
             max_batch -= max(1, max_batch // 64)
     return {"budget": budget, "batch": batch, "settings": tried,
-            "chosen": None if chosen is None else {k: chosen[k] for k in ("checkpoint", "offload", "peak")},
+            "chosen": None if chosen is None else {k: chosen[k] for k in ("checkpoint", "offload", "tile_mlp", "peak")},
             "max_batch": max_batch}
 
 
@@ -145,7 +152,8 @@ def estimate(model: nn.Module, plan: Any = None, *, example_inputs: Any = None, 
         blocks = [m for m in gm.modules() if isinstance(m, CheckpointedBlock)]
         if plan.memory is not None:
             memory = {**plan.memory.to_dict(), "checkpointed_blocks": len(blocks),
-                      "policies": sorted({b.policy for b in blocks})}
+                      "policies": sorted({b.policy for b in blocks}),
+                      "tiled_mlps": sum(1 for m in gm.modules() if isinstance(m, TiledMLP) and m.enabled)}
             if plan.memory.offload == "cpu" and train_device != "cuda":
                 notes.append("memory.offload = 'cpu' has no effect when training on cpu")
         del gm

@@ -1,0 +1,67 @@
+"""causal_attention: an exactly-causal boolean mask runs as is_causal, with aten's results; other masks as given."""
+from __future__ import annotations
+
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import peftfx
+from peftfx.kernels.causal_attention import is_causal_mask, scaled_dot_product_attention
+from tests.model_zoo import make_case
+
+
+def _qkv(s: int = 9, kv: int | None = None):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, s, 8, requires_grad=True)
+    k = torch.randn(2, 2, kv or s, 8, requires_grad=True)
+    v = torch.randn(2, 2, kv or s, 8, requires_grad=True)
+    return q, k, v
+
+
+def _fwd_bwd(fn, q, k, v, **kw):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v, enable_gqa=True, **kw)
+    out.square().sum().backward()
+    return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+
+def test_a_causal_mask_runs_the_causal_kernel_with_the_masked_results():
+    q, k, v = _qkv()
+    causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+    padded = causal.clone()
+    padded[0, :, :, :2] = False  # left padding in row 0: not the causal mask
+    padded[0, :, :2, 0] = True
+    assert is_causal_mask(causal, 9, 9) and not is_causal_mask(padded, 9, 9)
+    assert not is_causal_mask(causal.float(), 9, 9) and not is_causal_mask(causal[..., :8, :], 8, 9)
+    for mask in (causal, padded):
+        ref = _fwd_bwd(F.scaled_dot_product_attention, q, k, v, attn_mask=mask)
+        with mock.patch.object(torch.ops.aten.scaled_dot_product_attention, "default",
+                               wraps=torch.ops.aten.scaled_dot_product_attention.default) as sdpa:
+            got = _fwd_bwd(scaled_dot_product_attention, q, k, v, attn_mask=mask)
+        assert (sdpa.call_args.args[3] is None) == (mask is causal)  # the mask dropped only when causal
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(got, ref))
+
+
+def test_fake_masks_follow_the_size_only_flag():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+        assert is_causal_mask(mask, 5, 5, size_only_mask=True) and not is_causal_mask(mask, 5, 5)
+
+
+def test_compiled_decoders_route_attention_through_the_check_and_keep_their_outputs():
+    case = make_case("llama")
+    plan = {"targets": case.attn_targets, "lora": {"r": 2}}
+    ids = case.inputs["input_ids"]
+    gm = peftfx.compile(case.model, plan, example_inputs={"input_ids": ids})  # no padding mask: size-only
+    notes = next(r for r in peftfx.report(gm) if r.name == "causal_attention").notes
+    assert len(notes) == 2 and all(n["size_only_mask"] for n in notes)
+    with torch.no_grad():
+        assert torch.allclose(gm.eval()(input_ids=ids).logits, case.model.eval()(input_ids=ids).logits,
+                              rtol=0, atol=1e-5)
+    padded = peftfx.compile(make_case("llama").model, plan, example_inputs=case.inputs)
+    notes = next(r for r in peftfx.report(padded) if r.name == "causal_attention").notes
+    assert notes and not any(n["size_only_mask"] for n in notes)  # the attention mask input feeds it
