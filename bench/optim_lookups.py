@@ -7,6 +7,9 @@ number of parameters (``[1024, 1024]`` matrices), one thread:
 - ``product``: ``adam8bit_compiled._fused_update`` (two 256-entry map lookups to decode, two 65536-entry
   code-table lookups to encode; inductor emits each lookup, and each float->int32 bitcast, as a per-lane
   scalar loop over the vector);
+- ``direct-converts``: the product before this bench existed: index ``uint8 -> int64`` and codes
+  ``int32 -> uint8`` in one cast each, which vec256 has no vectorized conversion for (a stack-buffer round trip
+  per vector); the product goes through int32 and fp32;
 - ``arith-decode``: the map values computed with integer and float ops instead of looked up
   (:func:`arith_decode`, bit-identical to both dynamic maps: checked over all 256 codes before timing);
 - ``vgather`` (``--vgather``): inductor's C++ code generator patched in this process to load ``table[idx]``
@@ -80,15 +83,23 @@ def arith_decode(c: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.where(ci < 127, -v, v) if signed else v
 
 
-def _variant(decode: str, encode: str) -> Callable:
-    """The update with the decode ``lookup|arith|none`` and the encode ``lookup|none|float``."""
+def _variant(decode: str, encode: str, direct_converts: bool = False) -> Callable:
+    """The update with the decode ``lookup|arith|none`` and the encode ``lookup|none|float``; with
+    ``direct_converts`` the index is ``uint8 -> int64`` and the codes ``int32 -> uint8`` in one cast each (the
+    product before it went through int32 / fp32: no vectorized ATen conversion exists for those pairs)."""
+
+    def to_codes(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.uint8) if direct_converts else x.float().to(torch.uint8)
+
+    def to_index(c: torch.Tensor, offset: int) -> torch.Tensor:
+        return c.reshape(-1).long() + offset if direct_converts else (c.reshape(-1).to(torch.int32) + offset).long()
 
     def update(p, g, c1, c2, a1, a2, maps, code_tables, hyper):
         nb = g.shape[0]
         gf = g.float()
         if decode == "lookup":
-            d1 = torch.gather(maps, 0, c1.reshape(-1).long()).view(nb, BLOCK)
-            d2 = torch.gather(maps, 0, c2.reshape(-1).long() + 256).view(nb, BLOCK)
+            d1 = torch.gather(maps, 0, to_index(c1, 0)).view(nb, BLOCK)
+            d2 = torch.gather(maps, 0, to_index(c2, 256)).view(nb, BLOCK)
         elif decode == "arith":
             d1, d2 = arith_decode(c1, True), arith_decode(c2, False)
         else:
@@ -102,7 +113,7 @@ def _variant(decode: str, encode: str) -> Callable:
         if encode == "float":
             q1 = (m * (127 / new_a1)[:, None]).to(torch.int32) + 127
             q2 = (v * (255 / new_a2)[:, None]).to(torch.int32)
-            return q1.to(torch.uint8), q2.to(torch.uint8), new_a1, new_a2
+            return to_codes(q1), to_codes(q2), new_a1, new_a2
         k1 = (m * (1 / new_a1)[:, None]).view(torch.int32)
         k1 = k1 ^ ((k1 >> 31) & 0x7FFFFFFF)
         k2 = (v * (1 / new_a2)[:, None]).view(torch.int32)
@@ -111,7 +122,7 @@ def _variant(decode: str, encode: str) -> Callable:
             t2 = torch.gather(code_tables, 0, ((k2 >> 16) + (65536 + 32768)).reshape(-1).long()).view(nb, BLOCK)
         else:
             t1, t2 = k1 >> 3, k2 >> 3
-        return ((t1 + k1) >> 16).to(torch.uint8), ((t2 + k2) >> 16).to(torch.uint8), new_a1, new_a2
+        return to_codes((t1 + k1) >> 16), to_codes((t2 + k2) >> 16), new_a1, new_a2
 
     return update
 
@@ -195,11 +206,12 @@ def _inputs(n: int) -> list[torch.Tensor]:
 
 
 def _check_same(variants: dict[str, Callable], inputs: list[torch.Tensor], *tables_hyper: torch.Tensor) -> None:
-    """The variants that claim the product's results (arith-decode, vgather) give them bit for bit."""
+    """The variants that claim the product's results (direct-converts, arith-decode, vgather) give them bit for
+    bit."""
     want_p = inputs[0].clone()
     torch._dynamo.mark_dynamic(want_p, 0)  # no static recompile
     want = variants["product"](want_p, *inputs[1:], *tables_hyper)
-    for name in ("arith-decode", "vgather"):
+    for name in ("direct-converts", "arith-decode", "vgather"):
         if name in variants:
             p = inputs[0].clone()
             torch._dynamo.mark_dynamic(p, 0)
@@ -214,6 +226,7 @@ def run(millions: float, reps: int, vgather: bool) -> list[list[object]]:
     maps, code_tables = tables(torch.device("cpu"))
     hyper = compiled_mod.hyper_tensor(AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.01, 10))
     variants = {"product": _compile(compiled_mod._fused_update, "product"),
+                "direct-converts": _compile(_variant("lookup", "lookup", True), "direct_converts"),
                 "arith-decode": _compile(_variant("arith", "lookup"), "arith_decode_update")}
     if vgather:
         variants["vgather"] = _with_vgather(_compile(compiled_mod._fused_update, "vgather_update"))
