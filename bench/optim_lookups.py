@@ -27,17 +27,23 @@ import argparse
 import statistics
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch._inductor.inductor_prims  # noqa: F401  (registers prims.fma)
+import torch._inductor.inductor_prims  # registers prims.fma, which the variants use
 
 from bench.common import RESULTS, machine_markdown, markdown_table, write_section
 from peftfx.kernels import adam8bit_compiled as compiled_mod
 from peftfx.kernels.blockwise8bit import (
-    BLOCK, MIN_ABSMAX, SIGNED_MAP, UNSIGNED_MAP, AdamWHyper, quantize_blockwise, tables,
+    BLOCK,
+    MIN_ABSMAX,
+    SIGNED_MAP,
+    UNSIGNED_MAP,
+    AdamWHyper,
+    quantize_blockwise,
+    tables,
 )
 
 __all__ = ["arith_decode", "main"]
