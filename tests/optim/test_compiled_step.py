@@ -79,6 +79,32 @@ def test_compiled_step_equals_the_eager_reference_wide(n, dtype, wd, step, seed)
     _check_against_reference(n, dtype, wd, step, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_code_decodes_and_both_extreme_codes_encode_as_the_reference(dtype):
+    """The state holds each of the 256 codes of both moments (every map entry is read through the kernel's
+    uint8 -> int32 -> int64 index path), and the new codes include 0 and 255 of both moments (written through its
+    int32 -> fp32 -> uint8 path): codes and absmax bit for bit, the parameter within the sqrt bound."""
+    n = 16 * 256
+    codes = torch.arange(256, dtype=torch.uint8).repeat(2, n // 256)
+    codes[1] = codes[1].view(16, 256)[torch.randperm(16)].reshape(-1).roll(37)  # moment 2's codes unaligned to 1's
+    g = torch.Generator().manual_seed(5)
+    absmax = torch.rand(2, n // 256, generator=g) * 1e-3 + 1e-6
+    p = torch.randn(n, generator=g).to(dtype)
+    grad = (torch.randn(n, generator=g) * 1e-3).to(dtype)
+    grad[::256] = 1.0  # one large gradient per block: the block's absmax, code 255 (m > 0, v) and code 0 (m < 0)
+    grad[128::512] = -1.0
+    h = AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.1, 4)
+    fast = [p.clone(), grad, codes.clone(), absmax.clone()]
+    ref = [p.clone(), grad, codes.clone(), absmax.clone()]
+    adamw8bit_step_compiled_(*fast, h)
+    adamw8bit_step_reference(*ref, h)
+    assert {0, 255} <= set(ref[2][0].unique().tolist()) and 255 in ref[2][1].unique().tolist()
+    assert torch.equal(fast[2], ref[2]), "codes differ"
+    assert torch.equal(fast[3].view(torch.int32), ref[3].view(torch.int32)), "absmax differs"
+    u = ref[0].float() - p.float() * (1 - 1e-3 * 0.1)
+    assert torch.all((fast[0].float() - ref[0].float()).abs() <= u.abs() * 2.0**-21 + _ulp(ref[0]))
+
+
 def test_no_recompile_across_tensor_sizes_and_a_learning_rate_schedule():
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 100), (4096 + 300,), (513, 77), (3, 2000)]]
     opt = AdamW8bit(params, lr=1e-3)
