@@ -10,7 +10,8 @@ Two ops, registered as ``torch.ops.peftfx_native.*`` by ``native/decode.cpp``:
   is read once (the GEMV case of LLM decoding, where a dense fp32 weight would cost 8x the memory
   traffic). NF4/FP4 with ``M <= 8`` and ``K % 128 == 0`` (every common LLM width) decode 16 codes per
   shift + ``vpermps`` in registers and FMA them straight into M accumulators, the block scale applied
-  once per 8 codes, nothing written to memory; other formats and shapes decode L1-sized tiles and
+  once per 8 codes (for M >= 5 on AVX-512: to each decoded vector, two weight rows per pass), nothing
+  written to memory; other formats and shapes decode L1-sized tiles and
   multiply them against every row of x. Both are within the fp32 tolerance of the oracle.
 
 The extension is built just in time on first use by :func:`torch.utils.cpp_extension.load` (one

@@ -130,6 +130,10 @@ inline VF decode4(const uint8_t* p, const Lut& lut) {
 // 2 x mb x rows accumulators + rows codes + mb x + table + weight <= 27 zmm
 constexpr int FUSED_MB = 8;
 constexpr int fused_rows(int mb) { return mb == 1 ? 8 : mb == 2 ? 4 : mb <= 4 ? 2 : 1; }
+// from SCALED_MIN_MB x rows on, fused_pass_scaled: mb x scaled_rows(mb) accumulators + rows codes, scales
+// and weights + x + table <= 26 zmm
+constexpr int SCALED_MIN_MB = 5;
+constexpr int scaled_rows(int mb) { return 2; }
 inline VF gather(const float* base, VIraw i) { return _mm512_i32gather_ps(i, base, 4); }
 inline VIraw load_u8_dwords(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline VIraw load_dwords(const uint8_t* p) { return _mm512_loadu_si512(p); }
@@ -179,6 +183,8 @@ inline VF decode4(const uint8_t* p, const Lut& lut) {
 // weight rows per fused pass: 2 x mb x rows accumulators + codes + x + 2 table halves + lookup temps <= 16 ymm
 constexpr int FUSED_MB = 2;
 constexpr int fused_rows(int mb) { return mb == 1 ? 2 : 1; }
+constexpr int SCALED_MIN_MB = FUSED_MB + 1;  // never: 16 ymm hold no MB x 2 accumulators beside the lookup's
+constexpr int scaled_rows(int mb) { return 1; }
 inline VF gather(const float* base, VIraw i) { return _mm256_i32gather_ps(base, i, 4); }
 inline VIraw load_u8_dwords(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
 inline VIraw load_dwords(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -383,12 +389,15 @@ void decode_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const int64_t grain = std::max<int64_t>(4, (1 << 19) / cols) / 4 * 4;
   const int64_t isa = g_isa.load(std::memory_order_relaxed);
   if (s.four_bit() && cols % 128 == 0 && m <= FUSED_MAX_ROWS && isa != SCALAR) {  // fused: decode in registers, nothing in memory
-    std::vector<float> xp(static_cast<size_t>(m * cols));
-    if (isa == AVX512) avx512::permute_x(x.data_ptr<float>(), m, cols, xp.data());
-    else avx2::permute_x(x.data_ptr<float>(), m, cols, xp.data());
+    // x in chunk order, 64-byte aligned: every vector load of it then stays inside one cache line (a
+    // malloc'd buffer is only 16-byte aligned, and split loads cost the GEMV ~1/4 of its time at M = 8)
+    std::vector<float> xp_buf(static_cast<size_t>(m * cols + 16));
+    float* xpa = xp_buf.data() + ((64 - reinterpret_cast<uintptr_t>(xp_buf.data()) % 64) % 64) / sizeof(float);
+    if (isa == AVX512) avx512::permute_x(x.data_ptr<float>(), m, cols, xpa);
+    else avx2::permute_x(x.data_ptr<float>(), m, cols, xpa);
     at::parallel_for(0, rows, grain, [&](int64_t a, int64_t b) {
-      if (isa == AVX512) avx512::fused_matmul(s, xp.data(), m, yp, ldy, a, b);
-      else avx2::fused_matmul(s, xp.data(), m, yp, ldy, a, b);
+      if (isa == AVX512) avx512::fused_matmul(s, xpa, m, yp, ldy, a, b);
+      else avx2::fused_matmul(s, xpa, m, yp, ldy, a, b);
     });
     return;
   }

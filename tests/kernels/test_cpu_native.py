@@ -168,10 +168,12 @@ def test_fused_4bit_matmul_within_fp32_tolerance(fmt, bs, dq, bs2, n, chunks, m,
             assert bool((y[:, 0] == 5).all() and (y[:, n + 1] == 5).all()), "wrote outside y's slice"
 
 
-def test_fused_4bit_matmul_long_rows():
-    """K > 8192 runs the fused GEMV in two K passes that accumulate into y."""
+@pytest.mark.parametrize("m", [3, 5, 8])
+def test_fused_4bit_matmul_long_rows(m):
+    """K > 8192 runs the fused GEMV in two K passes that accumulate into y (M = 3: per-chunk scale
+    accumulators; M = 5, 8: scaled weights, two weight rows per pass, an odd N)."""
     qw = _quantized("nf4", 9, 8192 + 384, 64, True)
-    x = torch.randn(3, 8192 + 384)
+    x = torch.randn(m, 8192 + 384)
     want = x @ R.dequantize(qw, torch.float32).t()
     for isa in _isas():
         with cpu_native.force_isa(isa):
