@@ -38,7 +38,6 @@ from bench.common import RESULTS, machine_markdown, markdown_table, write_sectio
 from peftfx.kernels import adam8bit_compiled as compiled_mod
 from peftfx.kernels.blockwise8bit import (
     BLOCK,
-    MIN_ABSMAX,
     SIGNED_MAP,
     UNSIGNED_MAP,
     AdamWHyper,
@@ -110,19 +109,12 @@ def _variant(decode: str, encode: str, direct_converts: bool = False) -> Callabl
             d1, d2 = arith_decode(c1, True), arith_decode(c2, False)
         else:
             d1, d2 = (c1.to(torch.int32) - 127).float() * (1 / 127), c2.float() * (1 / 255)
-        m = torch.ops.prims.fma(gf, hyper[1], d1 * (a1 * hyper[0])[:, None])
-        v = torch.ops.prims.fma(gf * hyper[3], gf, d2 * (a2 * hyper[2])[:, None])
-        new_a1 = torch.clamp_min(m.abs(), MIN_ABSMAX).amax(1)
-        new_a2 = torch.clamp_min(v, MIN_ABSMAX).amax(1)
-        pf = p.float() * hyper[4] + (hyper[5] * m) / (torch.sqrt(v) + hyper[6])
-        p.copy_(torch.where((new_a1 > 0)[:, None], pf, p.float()).to(p.dtype))
+        m, v, new_a1, new_a2 = compiled_mod.update_moments_and_param_(p, gf, d1, d2, a1, a2, hyper)
         if encode == "float":
             q1 = (m * (127 / new_a1)[:, None]).to(torch.int32) + 127
             q2 = (v * (255 / new_a2)[:, None]).to(torch.int32)
             return to_codes(q1), to_codes(q2), new_a1, new_a2
-        k1 = (m * (1 / new_a1)[:, None]).view(torch.int32)
-        k1 = k1 ^ ((k1 >> 31) & 0x7FFFFFFF)
-        k2 = (v * (1 / new_a2)[:, None]).view(torch.int32)
+        k1, k2 = compiled_mod.sortable_keys(m, v, new_a1, new_a2)
         if encode == "lookup":
             t1 = torch.gather(code_tables, 0, ((k1 >> 16) + 32768).reshape(-1).long()).view(nb, BLOCK)
             t2 = torch.gather(code_tables, 0, ((k2 >> 16) + (65536 + 32768)).reshape(-1).long()).view(nb, BLOCK)

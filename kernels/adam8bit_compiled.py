@@ -34,7 +34,8 @@ from peftfx.kernels.blockwise8bit import (
     BLOCK, MIN_ABSMAX, AdamWHyper, adamw8bit_step_, adamw8bit_step_reference, tables,
 )
 
-__all__ = ["COMPILE_ENV", "compile_enabled", "reset_fallback", "hyper_tensor", "adamw8bit_step_compiled_", "adamw8bit_step_cpu_"]
+__all__ = ["COMPILE_ENV", "compile_enabled", "reset_fallback", "hyper_tensor", "update_moments_and_param_", "sortable_keys",
+           "adamw8bit_step_compiled_", "adamw8bit_step_cpu_"]
 
 COMPILE_ENV = "PEFTFX_OPTIM_COMPILE"
 # inductor bounds-checks every table lookup by default; the indices are in range by construction (uint8 codes
@@ -66,6 +67,32 @@ def hyper_tensor(h: AdamWHyper) -> Tensor:
                          h.eps_hat()], dtype=torch.float32)
 
 
+def update_moments_and_param_(p: Tensor, gf: Tensor, d1: Tensor, d2: Tensor, a1: Tensor, a2: Tensor,
+                              hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The AdamW arithmetic of :func:`_fused_update` (shared with bench/optim_lookups' variants): the new
+    moments ``m, v`` ``[nb, 256]`` from the decoded old ones ``d1, d2`` (map values) and their block absmax
+    ``a1, a2`` ``[nb]``, their new absmax ``[nb]``, and ``p`` ``[nb, 256]`` written in place."""
+    m = torch.ops.prims.fma(gf, hyper[1], d1 * (a1 * hyper[0])[:, None])
+    v = torch.ops.prims.fma(gf * hyper[3], gf, d2 * (a2 * hyper[2])[:, None])
+    # max(max|m|, 2**-126) as one reduction (no per-block pointwise node: those would break the block loop)
+    new_a1 = torch.clamp_min(m.abs(), MIN_ABSMAX).amax(1)
+    new_a2 = torch.clamp_min(v, MIN_ABSMAX).amax(1)
+    pf = p.float() * hyper[4] + (hyper[5] * m) / (torch.sqrt(v) + hyper[6])
+    # the condition is always true (absmax >= 2**-126); it indexes this node [block, element] like the
+    # requantization, so inductor fuses both into the same loop over each block
+    p.copy_(torch.where((new_a1 > 0)[:, None], pf, p.float()).to(p.dtype))
+    return m, v, new_a1, new_a2
+
+
+def sortable_keys(m: Tensor, v: Tensor, new_a1: Tensor, new_a2: Tensor) -> tuple[Tensor, Tensor]:
+    """int32 keys ``[nb, 256]`` of the normalized moments that order like their float values (the
+    code tables are indexed by their high 16 bits)."""
+    k1 = (m * (1 / new_a1)[:, None]).view(torch.int32)
+    k1 = k1 ^ ((k1 >> 31) & 0x7FFFFFFF)  # sortable key; v >= +0 is its own key
+    k2 = (v * (1 / new_a2)[:, None]).view(torch.int32)
+    return k1, k2
+
+
 def _fused_update(p: Tensor, g: Tensor, c1: Tensor, c2: Tensor, a1: Tensor, a2: Tensor, maps: Tensor,
                   code_tables: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One fused step on whole blocks: ``p`` in place, returns the new ``(c1, c2, a1, a2)``.
@@ -82,18 +109,8 @@ def _fused_update(p: Tensor, g: Tensor, c1: Tensor, c2: Tensor, a1: Tensor, a2: 
     # generic fallback goes through a stack buffer per vector (measured: 10% of the whole step)
     d1 = torch.gather(maps, 0, c1.reshape(-1).to(torch.int32).long()).view(nb, BLOCK)
     d2 = torch.gather(maps, 0, (c2.reshape(-1).to(torch.int32) + 256).long()).view(nb, BLOCK)
-    m = torch.ops.prims.fma(gf, hyper[1], d1 * (a1 * hyper[0])[:, None])
-    v = torch.ops.prims.fma(gf * hyper[3], gf, d2 * (a2 * hyper[2])[:, None])
-    # max(max|m|, 2**-126) as one reduction (no per-block pointwise node: those would break the block loop)
-    new_a1 = torch.clamp_min(m.abs(), MIN_ABSMAX).amax(1)
-    new_a2 = torch.clamp_min(v, MIN_ABSMAX).amax(1)
-    pf = p.float() * hyper[4] + (hyper[5] * m) / (torch.sqrt(v) + hyper[6])
-    # the condition is always true (absmax >= 2**-126); it indexes this node [block, element] like the
-    # requantization, so inductor fuses both into the same loop over each block
-    p.copy_(torch.where((new_a1 > 0)[:, None], pf, p.float()).to(p.dtype))
-    k1 = (m * (1 / new_a1)[:, None]).view(torch.int32)
-    k1 = k1 ^ ((k1 >> 31) & 0x7FFFFFFF)  # sortable key; v >= +0 is its own key
-    k2 = (v * (1 / new_a2)[:, None]).view(torch.int32)
+    m, v, new_a1, new_a2 = update_moments_and_param_(p, gf, d1, d2, a1, a2, hyper)
+    k1, k2 = sortable_keys(m, v, new_a1, new_a2)
     t1 = torch.gather(code_tables, 0, ((k1 >> 16) + 32768).reshape(-1).long()).view(nb, BLOCK)
     t2 = torch.gather(code_tables, 0, ((k2 >> 16) + (65536 + 32768)).reshape(-1).long()).view(nb, BLOCK)
     # int32 -> uint8 through fp32 (exact for codes 0..255): vec256 converts int32 -> float -> uint8 in registers but
