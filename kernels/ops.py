@@ -113,7 +113,8 @@ def _qlora_linear_op(
     scaling: float, format: str, block_size: int, block_size2: int, out_features: int, in_features: int,
     threshold: float, compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    if _UNUSED_OUTPUT.get() == (packed.untyped_storage()._cdata, tuple(packed.shape)):
+    unused = _UNUSED_OUTPUT.get()
+    if unused is not None and unused == (packed.untyped_storage()._cdata, tuple(packed.shape)):
         return x.new_empty(*x.shape[:-1], out_features)  # output_unused: nobody reads it
     w = _weight_of(packed, scales, scales2, offset, format, block_size, block_size2, out_features, in_features,
                    x.dtype, threshold)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from peftfx.distributed.blocks import block_prefixes, check_region, outline_region, owned_nodes
+from peftfx.graph import set_submodule
 from peftfx.kernels.fused_ops import act_mul  # noqa: F401  (registers peftfx::act_mul, a row-wise op)
 from peftfx.kernels.tiled_mlp import TiledMLP
 from peftfx.pass_manager import PassContext, PassResult, register_pass
@@ -192,15 +193,14 @@ def tile_mlps(gm: GraphModule, enabled: bool = True, min_tokens: int | None = No
         if reason:
             skipped[prefix] = reason
             continue
-        inputs: list[Node] = []
-        for n in members:  # outline_region's placeholder order: outside inputs in first-use order
-            inputs.extend(a for a in n.all_input_nodes if a not in members and a not in inputs)
-        x_index = inputs.index(found["x"])
-        sym_dims = {inputs.index(a): d for a, d in found["sym_dims"].items()}
         width, last = _intermediate(members), _last_linear(gm, prefix, members)
-        call = outline_region(gm, prefix, members, wrap=lambda mlp: TiledMLP(
-            mlp, x_index=x_index, sym_dims=sym_dims, intermediate=width, enabled=enabled, last_linear=last))
+        call = outline_region(gm, prefix, members)
         call.meta["peftfx.pass"] = "tile_mlp"
+        inputs = list(call.args)  # the outlined graph's placeholders, in order
+        set_submodule(gm, prefix, TiledMLP(
+            gm.get_submodule(prefix), x_index=inputs.index(found["x"]),
+            sym_dims={inputs.index(a): d for a, d in found["sym_dims"].items()}, intermediate=width,
+            enabled=enabled, last_linear=last))
         gm.get_submodule(prefix).set_tiling(enabled, min_tokens)
         tiled.append(prefix)
     if tiled:

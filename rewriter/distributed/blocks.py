@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
@@ -110,13 +109,12 @@ def check_region(graph: Graph, prefix: str, members: list[Node]) -> str:
     return ""
 
 
-def outline_region(gm: GraphModule, prefix: str, members: list[Node],
-                   wrap: Callable[[GraphModule], nn.Module] | None = None) -> Node:
+def outline_region(gm: GraphModule, prefix: str, members: list[Node]) -> Node:
     """Replace ``members`` (graph order, checked by :func:`check_region`) by ``call_module(prefix, inputs)``.
 
     The members become a ``GraphModule`` registered at ``prefix`` that holds the module's original
-    children, parameters and buffers (``wrap(block)`` is registered instead when given); its
-    placeholders are the members' outside inputs in first-use order. Returns the call node.
+    children, parameters and buffers; its placeholders are the members' outside inputs in first-use
+    order (the call node's ``args``). Returns the call node.
     """
     graph = gm.graph
     member_set = set(members)
@@ -170,7 +168,7 @@ def outline_region(gm: GraphModule, prefix: str, members: list[Node],
         o.replace_all_uses_with(r, delete_user_cb=lambda u: u not in member_set)
     for n in reversed(members):
         graph.erase_node(n)
-    set_submodule(gm, prefix, block if wrap is None else wrap(block))
+    set_submodule(gm, prefix, block)
     return call
 
 
