@@ -48,6 +48,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY as _PRESERVED
 
+from peftfx.errors import KernelError, PlanError
 from peftfx.kernels.ops import output_unused
 
 __all__ = ["TiledMLP", "MIN_TILE_TOKENS", "tile_tokens", "in_tiled_forward"]
@@ -132,8 +133,8 @@ class _TiledRun(torch.autograd.Function):
         mlp, needs = ctx.mlp, ctx.needs_input_grad[4:]
         params = mlp.trainable()
         if len(params) != len(needs):
-            raise RuntimeError(f"TiledMLP: {mlp.extra_repr()}: trainable parameters changed between forward "
-                               "and backward")
+            raise KernelError(f"TiledMLP ({mlp.extra_repr()}): its trainable parameters changed between forward "
+                              "and backward (requires_grad switched mid-step); change them before the forward")
         wanted = [p for p, n in zip(params, needs) if n]
         one = len(mlp.chunks(x)) == 1  # x's gradient is the chunk's: no buffer to copy it into
         grad_x = torch.empty_like(x) if ctx.x_needs_grad and not one else None
@@ -194,10 +195,11 @@ class TiledMLP(GraphModule):
 
     def set_tiling(self, enabled: bool, min_tokens: int | None = None) -> None:
         """Tile (True) or run the MLP as it is (False); ``min_tokens``: fewest tokens per chunk."""
+        if min_tokens is not None and not (isinstance(min_tokens, int) and min_tokens >= 1):
+            raise PlanError(f"TiledMLP ({self.extra_repr()}): min_tokens (memory.tile_tokens) must be an int >= 1, "
+                            f"got {min_tokens!r}")
         self.enabled = bool(enabled)
         if min_tokens is not None:
-            if min_tokens < 1:
-                raise ValueError(f"min_tokens must be >= 1, got {min_tokens!r}")
             self.min_tokens = int(min_tokens)
         self.meta[_PRESERVED].update(enabled=self.enabled, min_tokens=self.min_tokens)
 

@@ -170,6 +170,9 @@ def test_tiling_lowers_the_estimated_peak_and_survives_copies():
     for clone in (copy.deepcopy(mlp), pickle.loads(pickle.dumps(mlp))):
         assert isinstance(clone, TiledMLP) and clone.min_tokens == 16 and clone.enabled
         assert clone.last_linear == "down_proj"
+    with pytest.raises(PlanError, match="got 0"):
+        mlp.set_tiling(False, 0)
+    assert mlp.min_tokens == 16 and mlp.enabled  # nothing changed
 
 
 def test_mlps_that_are_not_row_wise_stay_untiled_with_a_reason():
