@@ -7,7 +7,10 @@ number of parameters (``[1024, 1024]`` matrices), one thread:
 - ``product``: ``adam8bit_compiled._fused_update`` (two 256-entry map lookups to decode, two 65536-entry
   code-table lookups to encode; inductor emits each lookup, and each float->int32 bitcast, as a per-lane
   scalar loop over the vector);
-- ``direct-converts``: the product before this bench existed: index ``uint8 -> int64`` and codes
+- ``byte-loads``: the product before it read the codes as int32 words (:func:`code_words`): uint8 codes
+  loaded 8 lanes at a time, which inductor does through a filled stack buffer whose reload misses store
+  forwarding;
+- ``direct-converts``: ``byte-loads`` as it was before this bench existed: index ``uint8 -> int64`` and codes
   ``int32 -> uint8`` in one cast each, which vec256 has no vectorized conversion for (a stack-buffer round trip
   per vector); the product goes through int32 and fp32;
 - ``arith-decode``: the map values computed with integer and float ops instead of looked up
@@ -203,17 +206,31 @@ def _inputs(n: int) -> list[torch.Tensor]:
     return ts
 
 
+_WORD_VARIANTS = ("product", "vgather")  # they take the codes as int32 words, the others as uint8
+
+
+def _as_taken(name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``inputs`` (uint8 codes) as variant ``name`` takes them: the codes viewed as int32 words for the product's
+    kernel (:func:`peftfx.kernels.adam8bit_compiled.code_words`)."""
+    if name not in _WORD_VARIANTS:
+        return inputs
+    words = [c.view(torch.int32) for c in inputs[2:4]]
+    for w in words:
+        torch._dynamo.mark_dynamic(w, 0)
+    return [*inputs[:2], *words, *inputs[4:]]
+
+
 def _check_same(variants: dict[str, Callable], inputs: list[torch.Tensor], *tables_hyper: torch.Tensor) -> None:
-    """The variants that claim the product's results (direct-converts, arith-decode, vgather) give them bit for
-    bit."""
+    """The variants that claim the product's results (byte-loads, direct-converts, arith-decode, vgather) give
+    them bit for bit."""
     want_p = inputs[0].clone()
     torch._dynamo.mark_dynamic(want_p, 0)  # no static recompile
-    want = variants["product"](want_p, *inputs[1:], *tables_hyper)
-    for name in ("direct-converts", "arith-decode", "vgather"):
+    want = variants["product"](*_as_taken("product", [want_p, *inputs[1:]]), *tables_hyper)
+    for name in ("byte-loads", "direct-converts", "arith-decode", "vgather"):
         if name in variants:
             p = inputs[0].clone()
             torch._dynamo.mark_dynamic(p, 0)
-            got = variants[name](p, *inputs[1:], *tables_hyper)
+            got = variants[name](*_as_taken(name, [p, *inputs[1:]]), *tables_hyper)
             if not (torch.equal(p, want_p) and all(torch.equal(a, b) for a, b in zip(got, want))):
                 raise AssertionError(f"variant {name} does not reproduce the product's update")
 
@@ -224,6 +241,7 @@ def run(millions: float, reps: int, vgather: bool) -> list[list[object]]:
     maps, code_tables = tables(torch.device("cpu"))
     hyper = compiled_mod.hyper_tensor(AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.01, 10))
     variants = {"product": _compile(compiled_mod._fused_update, "product"),
+                "byte-loads": _compile(_variant("lookup", "lookup"), "byte_loads"),
                 "direct-converts": _compile(_variant("lookup", "lookup", True), "direct_converts"),
                 "arith-decode": _compile(_variant("arith", "lookup"), "arith_decode_update")}
     if vgather:
@@ -238,6 +256,7 @@ def run(millions: float, reps: int, vgather: bool) -> list[list[object]]:
         args = [t.clone() for t in inputs]
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
+        args = _as_taken(name, args)
         fns[name] = lambda fn=fn, args=args: fn(*args, maps, code_tables, hyper)
     params = [torch.nn.Parameter(torch.randn(1024, 1024)) for _ in range(count)]
     for p in params:
