@@ -82,7 +82,8 @@ def test_compiled_step_equals_the_eager_reference_wide(n, dtype, wd, step, seed)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_code_decodes_and_both_extreme_codes_encode_as_the_reference(dtype):
     """The state holds each of the 256 codes of both moments (every map entry is read through the kernel's
-    uint8 -> int32 -> int64 index path), and the new codes include 0 and 255 of both moments (written through its
+    int32-word unpacking and int32 -> int64 index path; the examples n = 70_017 and 1535 above start moment 2's
+    row mid-word), and the new codes include 0 and 255 of both moments (written through its
     int32 -> fp32 -> uint8 path): codes and absmax bit for bit, the parameter within the sqrt bound."""
     n = 16 * 256
     codes = torch.arange(256, dtype=torch.uint8).repeat(2, n // 256)
