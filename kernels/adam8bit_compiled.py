@@ -96,9 +96,10 @@ def sortable_keys(m: Tensor, v: Tensor, new_a1: Tensor, new_a2: Tensor) -> tuple
 
 def code_words(codes: Tensor, whole: int) -> tuple[Tensor, Tensor]:
     """Each moment's first ``whole`` uint8 codes (``codes`` ``[2, n]``) as int32 words ``[whole // 256, 64]``, four
-    codes to a word: views, except row 1 of a tensor with ``n % 4 != 0``, which starts mid-word and is copied."""
-    row1 = codes[1, :whole] if codes.shape[1] % 4 == 0 else codes[1, :whole].clone()
-    return (codes[0, :whole].view(torch.int32).view(-1, BLOCK // 4), row1.view(torch.int32).view(-1, BLOCK // 4))
+    codes to a word: views, except a row that starts mid-word (row 1 when ``n % 4 != 0``), which is copied."""
+    rows = [codes[i, :whole] for i in range(2)]
+    rows = [row if row.storage_offset() % 4 == 0 else row.clone() for row in rows]
+    return tuple(row.view(torch.int32).view(-1, BLOCK // 4) for row in rows)
 
 
 def codes_as_int32(words: Tensor) -> Tensor:

@@ -106,6 +106,25 @@ def test_every_code_decodes_and_both_extreme_codes_encode_as_the_reference(dtype
     assert torch.all((fast[0].float() - ref[0].float()).abs() <= u.abs() * 2.0**-21 + _ulp(ref[0]))
 
 
+def test_codes_stored_at_an_odd_offset_update_as_the_reference():
+    """State codes that start mid-word (a loaded state dict can view a larger buffer) are copied before the
+    kernel reads them as int32 words: same state as the reference, and no fallback to eager."""
+    n = 8 * 256
+    codes, absmax = _random_state(n, 11)
+    shifted = torch.empty(2 * n + 1, dtype=torch.uint8)[1:].view(2, n).copy_(codes)
+    assert shifted.storage_offset() % 4 == 1
+    g = torch.Generator().manual_seed(11)
+    p, grad = torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-2
+    h = AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.1, 3)
+    fast = [p.clone(), grad, shifted, absmax.clone()]
+    ref = [p.clone(), grad, codes.clone(), absmax.clone()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adamw8bit_step_compiled_(*fast, h)
+    adamw8bit_step_reference(*ref, h)
+    assert torch.equal(fast[2], ref[2]) and torch.equal(fast[3], ref[3])
+
+
 def test_no_recompile_across_tensor_sizes_and_a_learning_rate_schedule():
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 100), (4096 + 300,), (513, 77), (3, 2000)]]
     opt = AdamW8bit(params, lr=1e-3)
