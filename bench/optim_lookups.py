@@ -14,7 +14,8 @@ number of parameters (``[1024, 1024]`` matrices), one thread:
   ``int32 -> uint8`` in one cast each, which vec256 has no vectorized conversion for (a stack-buffer round trip
   per vector); the product goes through int32 and fp32;
 - ``arith-decode``: the map values computed with integer and float ops instead of looked up
-  (:func:`arith_decode`, bit-identical to both dynamic maps: checked over all 256 codes before timing);
+  (:func:`arith_decode`, bit-identical to both dynamic maps: checked over all 256 codes before timing); it
+  reads uint8 codes, so compare it with ``byte-loads`` (on int32 words inductor's vectorizer gave it up: 5x);
 - ``vgather`` (``--vgather``): inductor's C++ code generator patched in this process to load ``table[idx]``
   with one AVX2 ``vpgatherdd`` (``at::vec::gather``) instead of the per-lane loop: an experiment, not a
   product path (it patches a private inductor method; inductor's caches are turned off for it);
@@ -91,10 +92,11 @@ def arith_decode(c: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.where(ci < 127, -v, v) if signed else v
 
 
-def _variant(decode: str, encode: str, direct_converts: bool = False) -> Callable:
-    """The update with the decode ``lookup|arith|none`` and the encode ``lookup|none|float``; with
-    ``direct_converts`` the index is ``uint8 -> int64`` and the codes ``int32 -> uint8`` in one cast each (the
-    product before it went through int32 / fp32: no vectorized ATen conversion exists for those pairs)."""
+def _variant(decode: str, encode: str, direct_converts: bool = False, words: bool = True) -> Callable:
+    """The update with the decode ``lookup|arith|none`` and the encode ``lookup|none|float``; with ``words`` the
+    codes come as int32 words (the product's :func:`code_words`), else as uint8; with ``direct_converts`` the
+    index is ``uint8 -> int64`` and the codes ``int32 -> uint8`` in one cast each (the product before it went
+    through int32 / fp32: no vectorized ATen conversion exists for those pairs)."""
 
     def to_codes(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.uint8) if direct_converts else x.float().to(torch.uint8)
@@ -105,6 +107,8 @@ def _variant(decode: str, encode: str, direct_converts: bool = False) -> Callabl
     def update(p, g, c1, c2, a1, a2, maps, code_tables, hyper):
         nb = g.shape[0]
         gf = g.float()
+        if words:
+            c1, c2 = compiled_mod.codes_as_int32(c1), compiled_mod.codes_as_int32(c2)
         if decode == "lookup":
             d1 = torch.gather(maps, 0, to_index(c1, 0)).view(nb, BLOCK)
             d2 = torch.gather(maps, 0, to_index(c2, 256)).view(nb, BLOCK)
@@ -206,13 +210,13 @@ def _inputs(n: int) -> list[torch.Tensor]:
     return ts
 
 
-_WORD_VARIANTS = ("product", "vgather")  # they take the codes as int32 words, the others as uint8
+_BYTE_VARIANTS = ("byte-loads", "direct-converts", "arith-decode", "memory-only")  # they take uint8 codes, the others int32 words
 
 
 def _as_taken(name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``inputs`` (uint8 codes) as variant ``name`` takes them: the codes viewed as int32 words for the product's
-    kernel (:func:`peftfx.kernels.adam8bit_compiled.code_words`)."""
-    if name not in _WORD_VARIANTS:
+    """``inputs`` (uint8 codes) as variant ``name`` takes them: every variant but the byte-loading ones reads
+    the codes as int32 words, as the product does (:func:`peftfx.kernels.adam8bit_compiled.code_words`)."""
+    if name in _BYTE_VARIANTS:
         return inputs
     words = [c.view(torch.int32) for c in inputs[2:4]]
     for w in words:
@@ -241,9 +245,9 @@ def run(millions: float, reps: int, vgather: bool) -> list[list[object]]:
     maps, code_tables = tables(torch.device("cpu"))
     hyper = compiled_mod.hyper_tensor(AdamWHyper(1e-3, 0.9, 0.999, 1e-8, 0.01, 10))
     variants = {"product": _compile(compiled_mod._fused_update, "product"),
-                "byte-loads": _compile(_variant("lookup", "lookup"), "byte_loads"),
-                "direct-converts": _compile(_variant("lookup", "lookup", True), "direct_converts"),
-                "arith-decode": _compile(_variant("arith", "lookup"), "arith_decode_update")}
+                "byte-loads": _compile(_variant("lookup", "lookup", words=False), "byte_loads"),
+                "direct-converts": _compile(_variant("lookup", "lookup", True, words=False), "direct_converts"),
+                "arith-decode": _compile(_variant("arith", "lookup", words=False), "arith_decode_update")}
     if vgather:
         variants["vgather"] = _with_vgather(_compile(compiled_mod._fused_update, "vgather_update"))
     variants.update({"no-decode-lookup": _compile(_variant("none", "lookup"), "no_decode_lookup"),
