@@ -37,7 +37,8 @@ _LAST_CHECK = threading.local()  # .entry: (weakref to the mask's base tensor, t
 
 
 def _view_key(mask: Tensor) -> tuple:
-    return mask.storage_offset(), tuple(mask.shape), mask.stride(), mask._version
+    # data_ptr too: ``base.data = other`` swaps the memory without moving the version
+    return mask.data_ptr(), mask.storage_offset(), tuple(mask.shape), mask.stride(), mask._version
 
 
 def is_causal_mask(mask: Tensor | None, q_len: int, k_len: int, size_only_mask: bool = False) -> bool:

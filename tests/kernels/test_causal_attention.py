@@ -51,13 +51,15 @@ def test_the_check_runs_once_per_mask_and_sees_in_place_writes():
         assert equal.call_count == 1  # a new view of the same base, same window: the answer is kept
         base[0, 0, 0, 5] = True  # written in place: the version moves, the mask is checked again
         assert not is_causal_mask(base[:, :, :, :6], 6, 6) and equal.call_count == 2
+        base.data = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()  # new memory, same version
+        assert is_causal_mask(base[:, :, :, :6], 6, 6) and equal.call_count == 3
         other = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
         other[0, 0, 3, 0] = False  # another tensor (same shape, version 0): never the kept answer
-        assert not is_causal_mask(other, 6, 6) and equal.call_count == 3
+        assert not is_causal_mask(other, 6, 6) and equal.call_count == 4
         with torch.inference_mode():  # no version counter: checked every time
             frozen = torch.ones(6, 6, dtype=torch.bool).tril()
             assert is_causal_mask(frozen, 6, 6) and is_causal_mask(frozen, 6, 6)
-        assert equal.call_count == 5
+        assert equal.call_count == 6
 
 
 def test_fake_masks_follow_the_size_only_flag():
