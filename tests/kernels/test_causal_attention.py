@@ -44,6 +44,24 @@ def test_a_causal_mask_runs_the_causal_kernel_with_the_masked_results():
         assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(got, ref))
 
 
+def test_the_check_runs_once_per_mask_and_sees_in_place_writes():
+    base = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    with mock.patch.object(torch, "equal", wraps=torch.equal) as equal:
+        assert is_causal_mask(base[:, :, :, :6], 6, 6) and is_causal_mask(base[:, :, :, :6], 6, 6)
+        assert equal.call_count == 1  # a new view of the same base, same window: the answer is kept
+        base[0, 0, 0, 5] = True  # written in place: the version moves, the mask is checked again
+        assert not is_causal_mask(base[:, :, :, :6], 6, 6) and equal.call_count == 2
+        base.data = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()  # new memory, same version
+        assert is_causal_mask(base[:, :, :, :6], 6, 6) and equal.call_count == 3
+        other = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+        other[0, 0, 3, 0] = False  # another tensor (same shape, version 0): never the kept answer
+        assert not is_causal_mask(other, 6, 6) and equal.call_count == 4
+        with torch.inference_mode():  # no version counter: checked every time
+            frozen = torch.ones(6, 6, dtype=torch.bool).tril()
+            assert is_causal_mask(frozen, 6, 6) and is_causal_mask(frozen, 6, 6)
+        assert equal.call_count == 6
+
+
 def test_fake_masks_follow_the_size_only_flag():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -65,3 +83,13 @@ def test_compiled_decoders_route_attention_through_the_check_and_keep_their_outp
     padded = peftfx.compile(make_case("llama").model, plan, example_inputs=case.inputs)
     notes = next(r for r in peftfx.report(padded) if r.name == "causal_attention").notes
     assert notes and not any(n["size_only_mask"] for n in notes)  # the attention mask input feeds it
+
+
+def test_a_checkpointed_training_step_checks_its_mask_once():
+    case = make_case("llama")
+    ids = case.inputs["input_ids"]
+    plan = {"targets": case.attn_targets, "lora": {"r": 2}, "memory": {"checkpoint": "blocks"}}
+    gm = peftfx.compile(case.model, plan, example_inputs={"input_ids": ids, "labels": ids}).train()
+    with mock.patch.object(torch, "equal", wraps=torch.equal) as equal:
+        gm(input_ids=ids, labels=ids).loss.backward()
+    assert equal.call_count == 1  # 2 blocks, each run twice (forward and recompute): one comparison
