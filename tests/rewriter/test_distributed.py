@@ -31,14 +31,34 @@ JOIN_TIMEOUT_S = 120.0
 
 # ---------------------------------------------------------------- models, plans, data (shared)
 
-def llama_gm(seed: int = 0):
+def llama_gm(seed: int = 0, tiled: bool = False):
+    """The zoo Llama, NF4 + LoRA on attention; ``tiled``: LoRA on every linear, checkpointed blocks whose MLPs
+    run in chunks of a few tokens (several chunks per sequence, so each MLP adapter's gradient is a sum over
+    chunks that the tiled MLP must hand to autograd, and so to DDP's hooks, once)."""
     from tests.model_zoo import make_case
 
     case = make_case("llama", seed=seed)
     plan = {"targets": case.all_targets, "quant": {"format": "nf4", "double_quant": True},
-            "lora": {"r": 4, "alpha": 8, "targets": case.attn_targets}}
+            "lora": {"r": 4, "alpha": 8, "targets": case.all_targets if tiled else case.attn_targets}}
+    if tiled:
+        plan["memory"] = {"checkpoint": "blocks", "tile_mlp": True, "tile_tokens": 2}
     torch.manual_seed(seed)  # LoRA A init: identical in every process
     return peftfx.compile(case.model, plan, example_inputs=case.inputs)
+
+
+def train_llama(gm, batches: list[dict], sgd: bool = False) -> list[float]:
+    """AdamW (or SGD, whose step is linear in the gradient: rounding differences are not amplified where a
+    gradient is ~0) on ``gm`` (plain or DDP-wrapped) over ``batches``: the per-step losses."""
+    params = [p for p in gm.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5) if sgd else torch.optim.AdamW(params, lr=5e-3)
+    losses = []
+    for batch in batches:
+        loss = gm(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
 def llama_batches() -> list[dict]:
@@ -173,6 +193,21 @@ def _scenario_fsdp(rank: int, gm, outdir: str) -> dict:
             "path": path}
 
 
+def _scenario_ddp_tiled(rank: int) -> dict:
+    from peftfx.distributed import check_in_sync, ddp
+    from peftfx.kernels.tiled_mlp import TiledMLP
+
+    gm = llama_gm(tiled=True)
+    tiled = sorted(n for n, m in gm.named_modules() if isinstance(m, TiledMLP))
+    model = ddp(gm)
+    losses = train_llama(model, [shard_of(b, rank) for b in llama_batches()], sgd=True)
+    check_in_sync(model)
+    seq = llama_batches()[0]["input_ids"].shape[1]
+    hidden = next(p.shape[1] for n, p in gm.named_parameters() if "embed_tokens" in n)
+    chunks = len(gm.get_submodule(tiled[0]).chunks(torch.empty(PER_RANK, seq, hidden))) if tiled else 0  # a rank's MLP input
+    return {"adapters": adapters_of(gm), "losses": losses, "tiled": tiled, "chunks": chunks}
+
+
 def _scenario_unused(rank: int) -> dict:
     from peftfx.distributed import check_in_sync, ddp
 
@@ -219,7 +254,8 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     llama = llama_gm()
     llama_copy = copy.deepcopy(llama)  # a compile costs seconds; the copy is the same model
     scenarios = (("ddp", lambda: _scenario_ddp(rank, llama)), ("fsdp", lambda: _scenario_fsdp(rank, llama_copy, outdir)),
-                 ("unused", lambda: _scenario_unused(rank)), ("fsdp_bf16", lambda: _scenario_fsdp_bf16(rank)))
+                 ("unused", lambda: _scenario_unused(rank)), ("fsdp_bf16", lambda: _scenario_fsdp_bf16(rank)),
+                 ("ddp_tiled", lambda: _scenario_ddp_tiled(rank)))
     for name, run in scenarios:
         try:
             results[name] = run()
@@ -275,20 +311,16 @@ def load_rank_results(outdir: str) -> list[dict]:
 # ---------------------------------------------------------------- test side
 
 def train_single_process() -> dict:
-    """Single-process AdamW training on the global batch: per-step losses and final adapters."""
+    """Single-process AdamW training on the global batch: per-step losses and final adapters (also of the tiled,
+    checkpointed model: ``tiled``)."""
     gm = llama_gm()
     fresh = copy.deepcopy(gm)
     initial = adapters_of(gm)
-    opt = torch.optim.AdamW(peftfx.trainable_parameters(gm).values(), lr=5e-3)
-    losses = []
-    for batch in llama_batches():
-        loss = gm(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_llama(gm, llama_batches())
+    tiled = llama_gm(tiled=True)
+    tiled_losses = train_llama(tiled, llama_batches(), sgd=True)
     return {"gm": gm, "fresh": fresh, "losses": losses, "adapters": adapters_of(gm), "buffers": _buffer_prints(gm),
-            "initial": initial}
+            "initial": initial, "tiled": {"losses": tiled_losses, "adapters": adapters_of(tiled)}}
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +362,20 @@ def test_ddp_matches_single_process_on_global_batch(dist_results, llama_referenc
     assert diff <= 1e-6, diff
     # the adapters moved: the comparison is not between untouched initial values
     assert _max_diff(r0["adapters"], llama_reference["initial"]) > 1e-3
+
+
+def test_ddp_with_checkpointed_tiled_mlps_matches_single_process(dist_results, llama_reference):
+    """DDP over blocks that recompute in backward and MLPs that run in chunks (LoRA on the MLP linears too):
+    each adapter's gradient reaches DDP once per step (DDP raises if a parameter is marked ready twice), and
+    SGD training equals the single-process run on the global batch."""
+    r0, r1 = _get(dist_results, "ddp_tiled")
+    assert r0["tiled"] and r0["tiled"] == r1["tiled"] and r0["chunks"] >= 2  # the MLPs run in several chunks
+    assert any(".mlp." in n for n in r0["adapters"])  # and carry adapters
+    assert _max_diff(r0["adapters"], r1["adapters"]) == 0.0
+    reference = llama_reference["tiled"]
+    diff = _max_diff(r0["adapters"], reference["adapters"])
+    print(f"DDP + tiled MLPs vs single process: max |adapter diff| = {diff:.3g}")
+    assert diff <= 1e-6, diff
 
 
 def test_ddp_keeps_packed_bytes_and_reduces_only_adapters(dist_results, llama_reference):
